@@ -1,0 +1,151 @@
+"""Per-layer CPU benchmark of the fused SVDQuant W4A4 layer (not a test; ratios measured in the same run).
+
+    python bench/bench_layers.py              # full FLUX table, about 10 min on 2 cores
+    python bench/bench_layers.py --quick      # M in {1, 16, 256}, two shapes, a couple of minutes
+
+For each M x (N, K) it times, on the same random INT4 layer (rank 32, bias, group 64):
+  ours       nunchaku_core.linear.SVDQuantLinear forward (fused activation quantization + low-rank down, then the
+             W4A4 GEMM with group scales, low-rank up and bias in its epilogue), input bf16 and fp32;
+  F.linear   torch.nn.functional.linear with a dense weight of the same shape, bf16 and fp32;
+  kitchen    comfy-kitchen's eager SVDQuant path (PyPI comfy-kitchen, F.linear on its QuantizedTensor with
+             TensorCoreSVDQuantW4A4Layout, the path ComfyUI takes on CPU), bf16, if it is installed;
+and reports the speed-ups and our achieved int8 ops/s (2·M·N·K / time of the whole layer) against the VNNI peak
+measured in the same run: _C.vnni_peak_macs runs a loop of independent vpdpbusd zmm instructions on every torch
+thread (64 multiply-accumulates each = 128 int8 ops). Each time is the median of --repeats runs after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nunchaku_core import backend  # noqa: E402
+from nunchaku_core.layer import SVDQuantLayer  # noqa: E402
+from nunchaku_core.linear import SVDQuantLinear  # noqa: E402
+
+FLUX_SHAPES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288)]
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", default="1,16,256,4096", help="comma-separated token counts M")
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in FLUX_SHAPES), help="NxK,NxK,...")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    ap.add_argument("--max-seconds", type=float, default=20.0,
+                    help="cap one measurement's total time: fewer repeats for slow cases (at least 1)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--no-kitchen", action="store_true", help="skip comfy-kitchen")
+    ap.add_argument("--quick", action="store_true", help="M = 1,16,256 on 3072x3072 and 12288x3072")
+    return ap.parse_args()
+
+
+def timed(fn, repeats: int, max_seconds: float) -> float:
+    """Median wall time of fn() over up to `repeats` runs after one warm-up, stopping early past max_seconds."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    n = max(1, min(repeats, int(max_seconds / max(first, 1e-9))))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def random_layer(N: int, K: int, R: int, seed: int = 0) -> SVDQuantLayer:
+    g = torch.Generator().manual_seed(seed)
+    return SVDQuantLayer(
+        "int4", torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8),
+        (torch.rand(N, K // 64, generator=g) * 0.02 + 0.001).bfloat16(),
+        smooth=(torch.rand(K, generator=g) + 0.5).bfloat16(),
+        proj_down=(torch.randn(K, R, generator=g) * 0.05).bfloat16(),
+        proj_up=(torch.randn(N, R, generator=g) * 0.05).bfloat16(),
+        bias=torch.randn(N, generator=g).bfloat16(),
+    ).validate()
+
+
+def kitchen_linear(layer: SVDQuantLayer):
+    """comfy-kitchen's eager path on the same quantized layer, or (None, reason)."""
+    try:
+        import comfy_kitchen as ck  # noqa: F401
+        from comfy_kitchen.tensor.base import QuantizedTensor
+        from comfy_kitchen.tensor.svdquant_w4a4 import TensorCoreSVDQuantW4A4Layout
+    except ImportError as e:
+        return None, f"comfy-kitchen not importable: {e}"
+    c = layer.codes.to(torch.int16)
+    qweight = ((c[:, 0::2] & 0xF) | ((c[:, 1::2] & 0xF) << 4)).to(torch.int8)   # [N, K/2], low nibble = even k
+    params = TensorCoreSVDQuantW4A4Layout.Params(
+        scale=layer.wscales.T.contiguous(), orig_dtype=torch.bfloat16, orig_shape=(layer.N, layer.K),
+        proj_down=layer.proj_down, proj_up=layer.proj_up, smooth_factor=layer.smooth, act_unsigned=layer.shifted)
+    qt = QuantizedTensor(qweight, "TensorCoreSVDQuantW4A4Layout", params)
+    return (lambda x: F.linear(x, qt, layer.bias)), None
+
+
+def fmt(t: float) -> str:
+    return f"{t * 1e3:9.2f}" if t < 10 else f"{t:8.1f}s"
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if backend.resolve_backend("cpu") != "cpu":
+        sys.exit("the compiled CPU kernels are not available: " + backend.BUILD_HINT)
+    Ms = [1, 16, 256] if args.quick else [int(m) for m in args.m.split(",")]
+    shapes = [(3072, 3072), (12288, 3072)] if args.quick else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    isa = backend.cpu_isa()
+    threads = torch.get_num_threads()
+    peak_macs = backend._C.vnni_peak_macs(1.0) if isa == "avx512vnni" else float("nan")
+    print(f"# CPU kernels: {isa}, torch threads: {threads}, torch {torch.__version__}")
+    print(f"# VNNI peak (measured, vpdpbusd zmm on {threads} threads): {peak_macs / 1e9:.0f} GMAC/s "
+          f"= {2 * peak_macs / 1e12:.2f} int8 TOPS")
+    print("# times in ms (median); ratios = their time / ours (> 1: ours faster)")
+    cols = ("M", "N", "K", "ours_bf16", "F.lin_bf16", "x_bf16", "ours_fp32", "F.lin_fp32", "x_fp32", "kitchen",
+            "x_kitch", "TOPS", "%peak")
+    print(" ".join(f"{c:>10}" for c in cols))
+    kitchen_note = None
+    for N, K in shapes:
+        layer = random_layer(N, K, args.rank)
+        mod = SVDQuantLinear(layer)
+        w16 = torch.randn(N, K).bfloat16()
+        w32 = w16.float()
+        b16, b32 = layer.bias, layer.bias.float()
+        kitchen, why = (None, "--no-kitchen") if args.no_kitchen else kitchen_linear(layer)
+        kitchen_note = kitchen_note or why
+        for M in Ms:
+            x16 = torch.randn(M, K).bfloat16()
+            x32 = x16.float()
+            rep, cap = args.repeats, args.max_seconds
+            t_ours16 = timed(lambda: mod(x16), rep, cap)
+            t_lin16 = timed(lambda: F.linear(x16, w16, b16), rep, cap)
+            t_ours32 = timed(lambda: mod(x32), rep, cap)
+            t_lin32 = timed(lambda: F.linear(x32, w32, b32), rep, cap)
+            t_kit = timed(lambda: kitchen(x16), rep, cap) if kitchen is not None else float("nan")
+            tops = 2 * M * N * K / t_ours16 / 1e12
+            row = [f"{M:>10}", f"{N:>10}", f"{K:>10}", fmt(t_ours16), fmt(t_lin16), f"{t_lin16 / t_ours16:10.2f}",
+                   fmt(t_ours32), fmt(t_lin32), f"{t_lin32 / t_ours32:10.2f}",
+                   fmt(t_kit) if kitchen is not None else f"{'-':>10}",
+                   f"{t_kit / t_ours16:10.2f}" if kitchen is not None else f"{'-':>10}",
+                   f"{tops:10.3f}", f"{100 * tops * 1e12 / (2 * peak_macs):10.1f}" if not math.isnan(peak_macs) else "-"]
+            print(" ".join(f"{c:>10}" for c in row), flush=True)
+            if kitchen is not None and M <= 16:  # the two implementations compute the same layer
+                d = (kitchen(x16).float() - mod(x16).float()).abs().max().item()
+                scale = mod(x16).float().abs().max().item()
+                if d > 0.05 * scale:
+                    print(f"#   warning: comfy-kitchen and ours differ by {d:.3g} (output max {scale:.3g})")
+    if kitchen_note:
+        print(f"# comfy-kitchen skipped: {kitchen_note}")
+
+
+if __name__ == "__main__":
+    main()

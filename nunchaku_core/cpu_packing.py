@@ -1,0 +1,173 @@
+"""Our CPU kernels' packed layout: packers from the plain layer representation (nunchaku_core.layer), and unpackers
+for the round-trip tests. The reader is csrc/cpu/*.cpp; the constants below are csrc/layout.h's, checked against
+the built extension by nunchaku_core.backend. Packing runs once per layer, at load (first use).
+
+Letters: N out features, K in features, R rank, G group size, NB = ceil(N/16) column blocks, R16 = roundup(R, 16).
+
+W4A4 (SVDQuantLayer, INT4 and NVFP4):
+  wcodes    uint8 [NB, K/8, 64]. Chunk (nb, s) holds columns 16·nb .. 16·nb+15 and inputs 8·s .. 8·s+7:
+            byte 4·c + j (c = 0..15, j = 0..3): low nibble = (n = 16·nb + c, k = 8·s + j),
+                                                high nibble = (n, k = 8·s + 4 + j).
+            The low nibbles of a chunk are one vpdpbusd operand (column c = dword c, four inputs per dword), the
+            high nibbles the next. Nibble = w + 8 for INT4 (unsigned 0..15); the raw e2m1 code for NVFP4 (the
+            kernel maps it to 2·value + 12). Columns past N: INT4 nibble 8 (w = 0), NVFP4 code 0.
+  wscales   fp32 [NB, K/G, 16]: (nb, g, c) = scale of column 16·nb + c in group g. NVFP4: 0.25 · e4m3 scale (exact;
+            the kernel's integer dot of doubled e2m1 values is 4x the true one). Padding 0.
+  smooth    fp32 [K]; proj_down fp32 [K, R16] (zero columns past R); proj_up fp32 [NB, R, 16] ((nb, r, c) =
+            U[16·nb + c, r], padding 0); bias fp32 [NB·16] (padding 0) or None; out_scale fp32 [NB·16]
+            (NVFP4 wcscales·wtscale, computed as reference.output_scale does; padding 1) or None.
+W4A16 (W4A16Layer):
+  wcodes    uint8 [NB, ceil(K/8), 64]. Chunk (nb, s): byte 16·j + c (j = 0..3, c = 0..15): low nibble =
+            (n = 16·nb + c, k = 8·s + 2·j), high nibble = (n, k = 8·s + 2·j + 1). Unsigned codes; 0 past N and K.
+  scales, zeros  fp32 [NB, ceil(K/G), 16] ((nb, g, c) for column 16·nb + c); padding 0. bias fp32 [NB·16] or None.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .layer import SVDQuantLayer, W4A16Layer
+from .reference import e2m1_decode, output_scale
+
+BLOCK_N = 16       # columns per block
+STEP_K = 8         # inputs per 64-byte chunk
+CHUNK_BYTES = 64
+GROUP_INT4 = 64
+GROUP_NVFP4 = 16
+INT4_OFFSET = 8    # INT4 nibble = w + 8
+NVFP4_OFFSET = 12  # NVFP4 operand = 2·value + 12
+RANK_ALIGN = 16
+MAX_RANK = 1024    # kMaxRank16: the quantizers keep 4 rows x R16 fp32 accumulators on the stack
+TILE_N = 64        # columns per parallel tile (informational; the kernels own the tiling)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad_rows(t: torch.Tensor, rows: int, value: float = 0) -> torch.Tensor:
+    """Pad dim 0 of t to `rows` with `value`."""
+    if t.shape[0] == rows:
+        return t
+    pad = torch.full((rows - t.shape[0], *t.shape[1:]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad])
+
+
+def _blocked(t: torch.Tensor, NB: int) -> torch.Tensor:
+    """[NB·16, X] -> [NB, X, 16]: per column block, the X values of its 16 columns side by side."""
+    return t.reshape(NB, BLOCK_N, -1).permute(0, 2, 1).contiguous()
+
+
+def _unblocked(t: torch.Tensor, N: int) -> torch.Tensor:
+    """Inverse of _blocked, cut to N rows: [NB, X, 16] -> [N, X]."""
+    return t.permute(0, 2, 1).reshape(-1, t.shape[1])[:N]
+
+
+@dataclass
+class CpuW4A4:
+    precision: str
+    N: int
+    K: int
+    R: int
+    shifted: bool
+    wcodes: torch.Tensor
+    wscales: torch.Tensor
+    smooth: torch.Tensor
+    proj_down: torch.Tensor
+    proj_up: torch.Tensor
+    bias: Optional[torch.Tensor]
+    out_scale: Optional[torch.Tensor]
+
+
+@dataclass
+class CpuW4A16:
+    N: int
+    K: int
+    group_size: int
+    wcodes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+
+def pack_w4a4(layer: SVDQuantLayer) -> CpuW4A4:
+    """SVDQuantLayer -> the CPU kernels' layout (module docstring). Tensors go to the CPU."""
+    layer = layer.validate()
+    N, K, R, G = layer.N, layer.K, layer.R, layer.group_size
+    NB = _ceil_div(N, BLOCK_N)
+    codes = layer.codes.cpu().to(torch.int16)
+    nib = (codes + INT4_OFFSET) if layer.precision == "int4" else (codes & 0xF)
+    nib = _pad_rows(nib, NB * BLOCK_N, INT4_OFFSET if layer.precision == "int4" else 0)
+    # [NB, c, s, h, j] -> [NB, s, c, j, h]: byte 4c + j of chunk (nb, s), h = nibble (0 low, 1 high)
+    nib = nib.reshape(NB, BLOCK_N, K // STEP_K, 2, 4).permute(0, 2, 1, 4, 3)
+    wcodes = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8).reshape(NB, K // STEP_K, CHUNK_BYTES).contiguous()
+    wscales = layer.wscales.cpu().float()
+    if layer.precision == "nvfp4":
+        wscales = wscales * 0.25
+    wscales = _blocked(_pad_rows(wscales, NB * BLOCK_N), NB)
+    R16 = _ceil_div(R, RANK_ALIGN) * RANK_ALIGN
+    proj_down = torch.zeros(K, R16)
+    proj_down[:, :R] = layer.proj_down.cpu().float()
+    proj_up = _blocked(_pad_rows(layer.proj_up.cpu().float(), NB * BLOCK_N), NB)
+    bias = None if layer.bias is None else _pad_rows(layer.bias.cpu().float(), NB * BLOCK_N)
+    out_scale = None
+    if layer.wtscale is not None or layer.wcscales is not None:
+        out_scale = _pad_rows(output_scale(layer).cpu(), NB * BLOCK_N, 1.0).contiguous()
+    return CpuW4A4(layer.precision, N, K, R, layer.shifted, wcodes, wscales, layer.smooth.cpu().float().contiguous(),
+                   proj_down, proj_up, bias, out_scale)
+
+
+def unpack_w4a4_codes(p: CpuW4A4) -> torch.Tensor:
+    """Inverse of the code packing: [N, K] int8 (int4 values, or e2m1 codes 0..15)."""
+    NB = p.wcodes.shape[0]
+    b = p.wcodes.reshape(NB, p.K // STEP_K, BLOCK_N, 4).to(torch.int16)
+    nib = torch.stack([b & 0xF, b >> 4], dim=-1)                   # [NB, s, c, j, h]
+    nib = nib.permute(0, 2, 1, 4, 3).reshape(NB * BLOCK_N, p.K)[: p.N]
+    return (nib - INT4_OFFSET if p.precision == "int4" else nib).to(torch.int8)
+
+
+def unpack_w4a4_scales(p: CpuW4A4) -> torch.Tensor:
+    """Inverse of the scale packing: [N, K/G] fp32 (NVFP4: the e4m3 value, the 0.25 undone)."""
+    s = _unblocked(p.wscales, p.N)
+    return s * 4.0 if p.precision == "nvfp4" else s
+
+
+def unpack_w4a4_proj_up(p: CpuW4A4) -> torch.Tensor:
+    return _unblocked(p.proj_up, p.N)
+
+
+def pack_w4a16(layer: W4A16Layer) -> CpuW4A16:
+    """W4A16Layer -> the CPU kernels' layout (module docstring). Tensors go to the CPU."""
+    layer = layer.validate()
+    N, K, G = layer.N, layer.K, layer.group_size
+    if G % STEP_K:
+        raise ValueError(f"W4A16 group size {G} is not a multiple of {STEP_K}: the CPU kernels cannot run it")
+    NB, S = _ceil_div(N, BLOCK_N), _ceil_div(K, STEP_K)
+    nib = torch.zeros(NB * BLOCK_N, S * STEP_K, dtype=torch.int16)
+    nib[:N, :K] = layer.codes.cpu().to(torch.int16)
+    # [NB, c, s, j, h] -> [NB, s, j, c, h]: byte 16j + c of chunk (nb, s)
+    nib = nib.reshape(NB, BLOCK_N, S, 4, 2).permute(0, 2, 3, 1, 4)
+    wcodes = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8).reshape(NB, S, CHUNK_BYTES).contiguous()
+    scales = _blocked(_pad_rows(layer.scales.cpu().float(), NB * BLOCK_N), NB)
+    zeros = _blocked(_pad_rows(layer.zeros.cpu().float(), NB * BLOCK_N), NB)
+    bias = None if layer.bias is None else _pad_rows(layer.bias.cpu().float(), NB * BLOCK_N)
+    return CpuW4A16(N, K, G, wcodes, scales, zeros, bias)
+
+
+def unpack_w4a16_codes(p: CpuW4A16) -> torch.Tensor:
+    """Inverse of the W4A16 code packing: [N, K] uint8."""
+    NB, S = p.wcodes.shape[:2]
+    b = p.wcodes.reshape(NB, S, 4, BLOCK_N).to(torch.int16)
+    nib = torch.stack([b & 0xF, b >> 4], dim=-1)                   # [NB, s, j, c, h]
+    return nib.permute(0, 3, 1, 2, 4).reshape(NB * BLOCK_N, S * STEP_K)[: p.N, : p.K].to(torch.uint8)
+
+
+def unpack_w4a16_scales(p: CpuW4A16) -> tuple[torch.Tensor, torch.Tensor]:
+    return _unblocked(p.scales, p.N), _unblocked(p.zeros, p.N)
+
+
+def e2m1_twice(codes: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes -> 2·value as int8 (the NVFP4 activation operand the quantize kernel writes)."""
+    return (e2m1_decode(codes) * 2).to(torch.int8)
