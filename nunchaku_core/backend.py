@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -113,13 +114,36 @@ def resolve_backend(device: Union[str, torch.device], backend: Optional[str] = N
 
 @dataclass
 class Packed:
-    """One layer repacked for one backend and device. `layer` is kept for the reference path and repacking."""
+    """One layer repacked for one backend and device.
+
+    For the CPU kernels, `layer` is the layer with its 1-byte-per-weight `codes` replaced by a tensor on the
+    meta device (shape and dtype, no storage): the kernel's nibble-packed copy is the only one kept, which is
+    what makes a 4-bit model take ~0.6 bytes per weight instead of ~1.6. full_layer() rebuilds the codes when
+    the reference path or a repack needs them."""
 
     backend: str            # what runs: 'cpu', 'cuda' or 'reference'
     resolved: str           # what resolve_backend chose (differs when the layer does not fit that kernel)
     device: torch.device
     layer: Union[SVDQuantLayer, W4A16Layer]
     kernel: object = None   # cpu_packing.CpuW4A4/CpuW4A16 ('cpu'), cuda_packing.Cuda*Weights ('cuda'), or None
+
+
+def _without_codes(layer):
+    """The layer with codes on the meta device: the packed kernel copy holds them (see Packed)."""
+    return dataclasses.replace(layer, codes=torch.empty(layer.codes.shape, dtype=layer.codes.dtype, device="meta"))
+
+
+def full_layer(packed: Packed) -> Union[SVDQuantLayer, W4A16Layer]:
+    """The packed layer with its codes, unpacked again from the CPU kernel copy when they were dropped."""
+    layer = packed.layer
+    if not (layer.codes.is_meta and packed.backend == "cpu"):
+        return layer
+    if isinstance(layer, SVDQuantLayer):
+        codes = cpu_packing.unpack_w4a4_codes(packed.kernel)
+    else:
+        codes = cpu_packing.unpack_w4a16_codes(packed.kernel)
+    return dataclasses.replace(layer, codes=codes.to(layer.wscales.device if isinstance(layer, SVDQuantLayer)
+                                                    else layer.scales.device))
 
 
 def _explicit(backend: Optional[str], name: str) -> bool:
@@ -137,7 +161,7 @@ def pack_svdquant(layer: SVDQuantLayer, device: Union[str, torch.device] = "cpu"
         _warn_once("max-rank", f"{msg}: such layers run on the torch reference")
         chosen = "reference"
     if chosen == "cpu":
-        return Packed("cpu", resolved, device, layer, cpu_packing.pack_w4a4(layer))
+        return Packed("cpu", resolved, device, _without_codes(layer), cpu_packing.pack_w4a4(layer))
     if chosen == "cuda":
         from . import cuda_packing
         if layer.K % cuda_packing.TILE_K or layer.R > cuda_packing.MAX_RANK:
@@ -162,7 +186,7 @@ def pack_w4a16(layer: W4A16Layer, device: Union[str, torch.device] = "cpu", back
                                   f"such layers run on the torch reference")
         chosen = "reference"
     if chosen == "cpu":
-        return Packed("cpu", resolved, device, layer, cpu_packing.pack_w4a16(layer))
+        return Packed("cpu", resolved, device, _without_codes(layer), cpu_packing.pack_w4a16(layer))
     if chosen == "cuda":
         from . import cuda_packing
         return Packed("cuda", resolved, device, layer, _to(cuda_packing.pack_w4a16_layer(layer), device))
@@ -229,7 +253,7 @@ def svdquant_linear(x: torch.Tensor, packed: Packed) -> torch.Tensor:
                 y = _C.cuda_gemm_w4a4_nvfp4(codes, scales, lora, w.wcodes, w.wscales, w.proj_up, w.bias, w.out_scale,
                                             M, w.N, x.dtype, stream)
             return y.reshape(*x.shape[:-1], w.N)
-    return reference.svdquant_linear(x, packed.layer)
+    return reference.svdquant_linear(x, full_layer(packed))
 
 
 def w4a16_linear(x: torch.Tensor, packed: Packed) -> torch.Tensor:
@@ -247,4 +271,4 @@ def w4a16_linear(x: torch.Tensor, packed: Packed) -> torch.Tensor:
             y = _C.cuda_gemm_w4a16(x2, w.qweight, w.scales, w.zeros, w.bias, w.group_size,
                                    torch.cuda.current_stream(x.device).cuda_stream)
             return y.reshape(*x.shape[:-1], w.N)
-    return reference.w4a16_linear(x, packed.layer)
+    return reference.w4a16_linear(x, full_layer(packed))

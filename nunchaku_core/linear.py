@@ -7,6 +7,7 @@ chosen backend changes.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -16,24 +17,66 @@ from .layer import SVDQuantLayer, W4A16Layer
 
 
 class _PackedLinear(torch.nn.Module):
+    """Holds one layer and its kernel-layout copy. Once packed for the CPU kernels, only the packed codes are
+    kept (backend.Packed); `layer` then rebuilds the full layer on demand, which costs an unpack, so hot paths
+    use `device`, `held_tensors()` and in/out_features instead."""
+
     def __init__(self, layer, backend: Optional[str]):
         super().__init__()
-        self.layer = layer.validate()
+        self._layer = layer.validate()
         self.in_features, self.out_features = layer.K, layer.N
         self.backend = backend  # None: SVDQ_BACKEND or auto
         self._packed: Optional[_backend.Packed] = None
 
+    @property
+    def layer(self):
+        """The full layer (codes included)."""
+        p = self._packed
+        if p is not None and p.layer is self._layer and p.kernel is not None:
+            return _backend.full_layer(p)  # codes dropped after packing: unpack them from the kernel copy
+        return self._layer
+
+    @layer.setter
+    def layer(self, layer) -> None:
+        """Swap in another layer (a device move, a LoRA-extended layer); it is packed at the next forward."""
+        self._layer = layer.validate()
+        self.in_features, self.out_features = layer.K, layer.N
+        self._packed = None
+
+    @property
+    def device(self) -> torch.device:
+        return self._layer.proj_up.device if isinstance(self._layer, SVDQuantLayer) else self._layer.scales.device
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this module keeps alive (the layer's, codes only if not dropped, and the kernel copy)."""
+        out = [t for f in dataclasses.fields(self._layer)
+               if isinstance(t := getattr(self._layer, f.name), torch.Tensor) and not t.is_meta]
+        kernel = self._packed.kernel if self._packed is not None else None
+        if kernel is not None and dataclasses.is_dataclass(kernel):
+            out += [t for f in dataclasses.fields(kernel) if isinstance(t := getattr(kernel, f.name), torch.Tensor)]
+        return out
+
     def _packed_for(self, x: torch.Tensor, pack) -> _backend.Packed:
         chosen = _backend.resolve_backend(x.device, self.backend)
         p = self._packed
-        if p is None or p.device != x.device or p.resolved != chosen or p.layer is not self.layer:
-            p = self._packed = pack(self.layer, x.device, self.backend)
+        if p is None or p.device != x.device or p.resolved != chosen:
+            layer = self.layer
+            p = self._packed = pack(layer, x.device, self.backend)
+            self._layer = p.layer  # without codes when the kernel copy holds them
         return p
+
+
+    def _pack_now_if_cpu(self, pack) -> None:
+        """Pack at construction for a CPU layer, so a loaded model never holds the 1-byte codes and the
+        packed copy at once for longer than one layer."""
+        if self.device.type == "cpu":
+            self._packed_for(torch.empty(0), pack)
 
 
 class SVDQuantLinear(_PackedLinear):
     def __init__(self, layer: SVDQuantLayer, backend: Optional[str] = None):
         super().__init__(layer, backend)
+        self._pack_now_if_cpu(_backend.pack_svdquant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _backend.svdquant_linear(x, self._packed_for(x, _backend.pack_svdquant))
@@ -42,6 +85,7 @@ class SVDQuantLinear(_PackedLinear):
 class W4A16Linear(_PackedLinear):
     def __init__(self, layer: W4A16Layer, backend: Optional[str] = None):
         super().__init__(layer, backend)
+        self._pack_now_if_cpu(_backend.pack_w4a16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _backend.w4a16_linear(x, self._packed_for(x, _backend.pack_w4a16))

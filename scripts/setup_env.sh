@@ -9,7 +9,7 @@
 #   SVDQ_VENV=<dir>      venv to create or reuse           (default <repo>/.venv)
 #   SVDQ_COMFYUI=<dir>   ComfyUI to use; an existing one is used as is, never overwritten
 #                                                          (default <repo>/.comfyui/ComfyUI, unpacked if absent)
-#   SVDQ_WITH_UI=1       also apt-get install chromium + chromium-driver (the web UI test)
+#   SVDQ_WITH_UI=0       skip apt-get install chromium + chromium-driver (needed by the web UI test; default 1)
 #   PYTHON=<exe>         interpreter for the venv          (default python3, needs >= 3.10)
 #   PIPFLAGS=...         extra pip flags, e.g. --no-cache-dir to time a cold install
 #
@@ -40,8 +40,8 @@ die() { echo "setup_env: $*" >&2; exit 1; }
 
 [ -f "$REPO/requirements.txt" ] || die "$REPO/requirements.txt is missing"
 
-# --- Debian packages for the web UI test (CI sets SVDQ_WITH_UI=1) ---------------------------------------------
-if [ "${SVDQ_WITH_UI:-0}" = 1 ]; then
+# --- Debian packages for the web UI test (SVDQ_WITH_UI=0 skips them) ---------------------------------------------
+if [ "${SVDQ_WITH_UI:-1}" = 1 ]; then
   if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
     say "chromium + chromedriver present"
   else

@@ -8,6 +8,8 @@ import warnings
 import pytest
 import torch
 
+from nunchaku_core.layer import tensors_equal
+
 from nunchaku_core import backend, reference
 from nunchaku_core.linear import SVDQuantLinear, W4A16Linear
 
@@ -82,7 +84,10 @@ def test_svdquant_module_dispatches_to_cpu_kernel(precision, shifted):
     mod = SVDQuantLinear(layer)
     y = mod(x)
     packed = mod._packed
-    assert packed.backend == "cpu" and mod.layer is layer
+    assert packed.backend == "cpu"
+    # only the kernel's nibble-packed copy of the codes is kept; `layer` rebuilds them bit for bit
+    assert mod._layer.codes.is_meta and all(not t.is_meta for t in mod.held_tensors())
+    assert tensors_equal(mod.layer, layer)
     assert mod(x) is not None and mod._packed is packed                     # packed once
     y_ref = reference.svdquant_linear(x, layer)
     assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16

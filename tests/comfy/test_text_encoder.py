@@ -88,7 +88,7 @@ def clip_l_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 def te_files(tmp_path_factory):
     """text_encoders/ with clip_l, t5_fp16 (plain, our format), t5_int4 (our quantizer) and bad inputs."""
     if not (COMFYUI / "comfy" / "text_encoders" / "t5_tokenizer" / "tokenizer.json").is_file():
-        pytest.skip(f"no ComfyUI at {COMFYUI} (set SVDQ_COMFYUI)")
+        pytest.fail(f"no ComfyUI at {COMFYUI}: run scripts/setup_env.sh or set SVDQ_COMFYUI")
     d = tmp_path_factory.mktemp("text_encoders")
     save_file(clip_l_state_dict(), str(d / "clip_l.safetensors"))
     sd = random_t5(T5_TINY, seed=1)
@@ -245,7 +245,7 @@ def served(comfy, comfy_models, te_files):
             comfy_models / "diffusion_models" / "svdq-te-test-flux.safetensors")
     listed = comfy._call("/object_info/SVDQuantTextEncoderLoader")["SVDQuantTextEncoderLoader"]["input"]["required"]
     if "t5_int4.safetensors" not in listed["t5_name"][0]:
-        pytest.skip("the server does not list models/text_encoders: tests/comfy/conftest.py's "
+        pytest.fail("the server does not list models/text_encoders: tests/comfy/conftest.py's "
                     "extra_model_paths.yaml needs a `text_encoders: text_encoders` entry")
     return comfy
 
@@ -311,10 +311,10 @@ def _api_graph(workflow: dict, object_info: dict, replace: dict) -> dict:
 
 
 def test_example_workflow_runs(served):
-    """example_workflows/svdquant-flux1-dev-t5.json as saved (widget order included), with the test models
+    """workflows/svdquant-flux1-dev-t5.json as saved (widget order included), with the test models
     in place of the real ones, 64x64 and 2 steps: runs to an image."""
     comfy = served
-    workflow = json.loads((REPO / "example_workflows" / "svdquant-flux1-dev-t5.json").read_text())
+    workflow = json.loads((REPO / "workflows" / "svdquant-flux1-dev-t5.json").read_text())
     loader = [n for n in workflow["nodes"] if n["type"] == "SVDQuantTextEncoderLoader"][0]
     assert loader["widgets_values"] == ["awq-int4-flux.1-t5xxl.safetensors", "clip_l.safetensors"]
     assert [m["name"] for m in loader["properties"]["models"]] == loader["widgets_values"]

@@ -1,0 +1,123 @@
+"""'SVDQuant FLUX Loader': an SVDQuant checkpoint from models/diffusion_models -> MODEL.
+
+ComfyUI builds and runs its own Flux (comfy.ldm.flux); we only choose the supported-model class from the
+checkpoint's configuration instead of ComfyUI's detection (which forces hidden size 3072), hand it our
+custom_operations, and wrap the result in our ModelPatcher. The steps mirror
+comfy.sd.load_diffusion_model_state_dict.
+"""
+from __future__ import annotations
+
+import logging
+
+import comfy.model_detection
+import comfy.model_management
+import folder_paths
+import torch
+from nunchaku_core import backend
+from nunchaku_core.layer import SVDQuantLayer
+
+from .flux_state_dict import QUANT_KEY, FluxCheckpoint, load_flux_checkpoint
+from .model_patcher import SVDQuantModelPatcher
+from .ops import operations_for, pack_for_device
+
+log = logging.getLogger("SVDQuant")
+
+DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _param_count(sd: dict) -> int:
+    """Values in the model (a 4-bit code counts as one), for ComfyUI's dtype heuristics."""
+    n = 0
+    for k, v in sd.items():
+        if k.endswith("." + QUANT_KEY):
+            n += v.out_features * v.in_features
+        else:
+            n += v.numel()
+    return n
+
+
+def _plain_dtype(sd: dict):
+    for k, v in sd.items():
+        if not k.endswith("." + QUANT_KEY) and v.is_floating_point():
+            return v.dtype
+    return None
+
+
+def _nvfp4_backend(ck: FluxCheckpoint, device: torch.device) -> str | None:
+    """The per-load kernel choice for an NVFP4 checkpoint's layers: None (automatic) where a kernel runs NVFP4,
+    else 'reference', said once per load. The CPU kernels run both precisions; the CUDA kernels (csrc/cuda)
+    are INT4-only for now, as Nunchaku's are on GPUs before Blackwell."""
+    if ck.precision != "nvfp4":
+        return None
+    where = backend.resolve_backend(device)
+    if where == "cpu":
+        log.info("SVDQuant: %s: NVFP4 layers run on the CPU kernels", ck.path)
+        return None
+    why = "no compiled kernel is available" if where == "reference" else f"the {where} kernels are INT4-only"
+    log.warning("SVDQuant: %s is an NVFP4 checkpoint and %s on %s; falling back to the torch reference "
+                "implementation (same numerics, much slower). An INT4 checkpoint runs faster on this device.",
+                ck.path, why, device)
+    return "reference"
+
+
+def load_svdquant_flux(path: str, dtype: torch.dtype | None = None) -> SVDQuantModelPatcher:
+    ck = load_flux_checkpoint(path)
+    sd = ck.state_dict
+    model_config = comfy.model_detection.model_config_from_unet_config(ck.model_config)
+    if model_config is None:
+        raise ValueError(f"{path}: ComfyUI has no model class for this configuration {ck.model_config}")
+    if ck.model_class and ck.model_class != type(model_config).__name__:
+        log.info("SVDQuant: %s: comfy_config names %s, ComfyUI's rules pick %s for in_channels=%s",
+                 path, ck.model_class, type(model_config).__name__, ck.model_config["in_channels"])
+
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    supported = list(model_config.supported_inference_dtypes)
+    if dtype is None:
+        dtype = comfy.model_management.unet_dtype(model_params=_param_count(sd), supported_dtypes=supported,
+                                                  weight_dtype=_plain_dtype(sd))
+    manual_cast_dtype = comfy.model_management.unet_manual_cast(dtype, load_device, supported)
+    model_config.set_inference_dtype(dtype, manual_cast_dtype)
+    model_config.custom_operations = operations_for(manual_cast_dtype)
+
+    nvfp4_backend = _nvfp4_backend(ck, load_device)
+    for k, v in sd.items():
+        if k.endswith("." + QUANT_KEY) and isinstance(v.parts[0], SVDQuantLayer):   # not the W4A16 modulation
+            v.backend = nvfp4_backend
+
+    model = model_config.get_model({}, "")
+    model = model.to(offload_device)
+    model.load_model_weights(sd, "")
+    if load_device == offload_device:
+        pack_for_device(model.diffusion_model, load_device, manual_cast_dtype or dtype)
+    log.info("SVDQuant: loaded %s (%s, %s, %s layout) as %s, hidden %d, %d+%d blocks", path, ck.precision,
+             "guidance" if ck.model_config["guidance_embed"] else "no guidance", ck.layout,
+             type(model_config).__name__, ck.model_config["hidden_size"], ck.model_config["depth"],
+             ck.model_config["depth_single_blocks"])
+    return SVDQuantModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+class SVDQuantFluxLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        # Widget order is saved in workflows: append new inputs at the end, never reorder.
+        return {"required": {
+            "model_name": (folder_paths.get_filename_list("diffusion_models"),
+                           {"tooltip": "An SVDQuant FLUX.1 checkpoint (Nunchaku INT4/NVFP4 file or folder, or "
+                                       "ComfyUI-native svdquant_w4a4) in models/diffusion_models."}),
+            "weight_dtype": (list(DTYPES), {"tooltip": "dtype of the unquantized layers and activations; "
+                                                       "default lets ComfyUI pick for the device."}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "SVDQuant"
+    DESCRIPTION = "Loads an SVDQuant (4-bit) FLUX.1 model into ComfyUI's own Flux."
+
+    def load(self, model_name, weight_dtype):
+        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        return (load_svdquant_flux(path, DTYPES[weight_dtype]),)
+
+
+NODE_CLASS_MAPPINGS = {"SVDQuantFluxLoader": SVDQuantFluxLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"SVDQuantFluxLoader": "SVDQuant FLUX Loader"}

@@ -1,0 +1,138 @@
+"""ComfyUI nodes of the quantizer: 'SVDQuant Quantize Model' (a FLUX.1 file from models/diffusion_models ->
+an SVDQuant checkpoint in the same folder) and 'SVDQuant Record Calibration' (a MODEL patch that records
+activation statistics while an ordinary sampling workflow runs, for the quantizer's --calib).
+
+Thin: paths, progress and wiring here; all work in nunchaku_core (quantize_flux, calibration). comfy and
+folder_paths are imported inside the functions, so this module imports without ComfyUI (tests).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("SVDQuant")
+
+CALIB_FOLDER = "svdquant_calibration"     # models/svdquant_calibration/*.safetensors
+NO_CALIBRATION = "none (data-free)"
+
+
+def _calibration_folder() -> str:
+    """Register models/svdquant_calibration with ComfyUI's folder_paths (once) and return its path."""
+    import folder_paths
+
+    if CALIB_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[CALIB_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, CALIB_FOLDER)], {".safetensors"})
+    return folder_paths.get_folder_paths(CALIB_FOLDER)[0]
+
+
+def _file_name(name: str, what: str) -> str:
+    """A plain file name ending in .safetensors; no folders, so nothing is written outside the models folder."""
+    name = name.strip()
+    if not name or os.path.basename(name) != name or name in (".", ".."):
+        raise ValueError(f"{what} {name!r}: give a plain file name without folders (it is written into the models folder)")
+    return name if name.endswith(".safetensors") else name + ".safetensors"
+
+
+class SVDQuantQuantizeModel:
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        _calibration_folder()
+        return {"required": {
+            "model_name": (folder_paths.get_filename_list("diffusion_models"),
+                           {"tooltip": "bf16/fp16/fp32 FLUX.1 transformer (dev, schnell, Fill, Depth, Canny, Kontext, fine-tunes)"}),
+            "output_name": ("STRING", {"default": "svdq-int4-flux",
+                                       "tooltip": "file name, written into the source model's diffusion_models folder"}),
+            "precision": (["int4", "nvfp4"], {"tooltip": "int4: GPUs before Blackwell and CPU; nvfp4: Blackwell"}),
+            "rank": ("INT", {"default": 32, "min": 0, "max": 512, "step": 16,
+                             "tooltip": "rank of the 16-bit low-rank branch"}),
+            "calibration": ([NO_CALIBRATION] + folder_paths.get_filename_list(CALIB_FOLDER),
+                            {"tooltip": "a file recorded with 'SVDQuant Record Calibration'; none = data-free"}),
+            "gptq": ("BOOLEAN", {"default": False, "tooltip": "GPTQ on the 4-bit residual (needs calibration)"}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("checkpoint",)
+    OUTPUT_NODE = True
+    FUNCTION = "quantize"
+    CATEGORY = "SVDQuant"
+    DESCRIPTION = "Quantize a FLUX.1 model to an SVDQuant (Nunchaku) 4-bit checkpoint, with a quality report next to it."
+
+    def quantize(self, model_name, output_name, precision, rank, calibration, gptq):
+        import comfy.model_management
+        import comfy.utils
+        import folder_paths
+        from nunchaku_core.quantize_flux import QuantizeOptions, format_table, quantize_flux
+
+        src = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        # next to the source: that is a diffusion_models folder the user picked (with extra model paths the
+        # first registered one may be another disk)
+        out = os.path.join(os.path.dirname(src), _file_name(output_name, "output_name"))
+        calib = None
+        if calibration != NO_CALIBRATION:
+            _calibration_folder()
+            calib = folder_paths.get_full_path_or_raise(CALIB_FOLDER, calibration)
+        bar = comfy.utils.ProgressBar(1)
+
+        def progress(done: int, total: int, what: str) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            bar.update_absolute(done, total)
+
+        res = quantize_flux(src, out, options=QuantizeOptions(precision=precision, rank=rank, gptq=gptq),
+                            calib_path=calib, progress=progress)
+        log.info("SVDQuant: wrote %s (%s) in %.0f s\n%s", out, res.variant, res.seconds, format_table(res.layers))
+        name = os.path.basename(out)
+        return {"ui": {"text": [f"{name}: {res.variant}, {precision}, rank {rank}; report {res.report_path}"]},
+                "result": (name,)}
+
+
+class SVDQuantRecordCalibration:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "the bf16 FLUX.1 model to be quantized later"}),
+            "file_name": ("STRING", {"default": "flux-calibration",
+                                     "tooltip": "written into models/svdquant_calibration after every sampling run"}),
+            "max_rows": ("INT", {"default": 256, "min": 16, "max": 4096,
+                                 "tooltip": "activation rows kept per layer (uniform sample over all tokens)"}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "SVDQuant"
+    DESCRIPTION = ("Records per-layer activation statistics while the returned model samples; run your usual "
+                   "prompts, then pick the file in 'SVDQuant Quantize Model'. Statistics accumulate over runs.")
+
+    def patch(self, model, file_name, max_rows):
+        import comfy.patcher_extension
+        from nunchaku_core.calibration import recorder_for_module
+
+        path = os.path.join(_calibration_folder(), _file_name(file_name, "file_name"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        recorder = recorder_for_module(model.model.diffusion_model, model.model.model_config.unet_config, max_rows)
+
+        def record(executor, *args, **kwargs):
+            recorder.attach(executor.class_obj.model_patcher.model.diffusion_model)
+            try:
+                out = executor(*args, **kwargs)
+            finally:
+                recorder.detach()
+            recorder.save(path)
+            log.info("SVDQuant: calibration %s now holds %d tokens per layer", path, recorder.tokens)
+            return out
+
+        patched = model.clone()
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "svdquant_calibration", record)
+        return (patched,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "SVDQuantQuantizeModel": SVDQuantQuantizeModel,
+    "SVDQuantRecordCalibration": SVDQuantRecordCalibration,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "SVDQuantQuantizeModel": "SVDQuant Quantize Model",
+    "SVDQuantRecordCalibration": "SVDQuant Record Calibration",
+}

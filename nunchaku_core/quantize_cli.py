@@ -1,0 +1,63 @@
+"""`python -m nunchaku_core quantize IN OUT`: the quantizer's command line (arguments + a tqdm progress bar)."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="FLUX.1 transformer: ComfyUI/BFL .safetensors (with or without the "
+                                 "model.diffusion_model. prefix) or a diffusers transformer folder")
+    p.add_argument("output", help="output Nunchaku .safetensors (single file)")
+    p.add_argument("--precision", choices=("int4", "nvfp4"), default="int4",
+                   help="int4: group 64, any GPU since Turing; nvfp4: group 16 + fp8 scales, Blackwell")
+    p.add_argument("--rank", type=int, default=32, help="rank R of the 16-bit low-rank branch (default 32)")
+    p.add_argument("--calib", metavar="FILE", help="calibration file from the 'SVDQuant Record Calibration' node; "
+                                                   "without it the quantizer runs data-free")
+    p.add_argument("--gptq", action="store_true", help="GPTQ on the 4-bit residual (needs --calib)")
+    p.add_argument("--alphas", metavar="A,B,...", help="migration strength grid for the smoothing search "
+                                                       "(default 0.35,0.5,0.65,0.8,0.95 with --calib, 1,0.5 data-free; no smoothing is always tried)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="dtype of scales, low-rank branch and unquantized layers (default bfloat16)")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the quality report (per-layer error of RTN / smooth / SVD / SVDQuant); ~1.6x faster data-free")
+    p.add_argument("--report", metavar="FILE", help="quality report path (default OUTPUT with .quality.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+
+
+def main(args) -> int:
+    from tqdm import tqdm
+
+    from .quantize_flux import QuantizeOptions, quantize_flux
+
+    alphas = None
+    if args.alphas:
+        try:
+            alphas = tuple(float(a) for a in args.alphas.split(","))
+        except ValueError as e:
+            raise ValueError(f"--alphas {args.alphas!r}: expected comma-separated numbers ({e})") from e
+        if any(not 0.0 <= a <= 1.0 for a in alphas):
+            raise ValueError(f"--alphas {args.alphas!r}: every migration strength must be in [0, 1]")
+    opts = QuantizeOptions(precision=args.precision, rank=args.rank, gptq=args.gptq, report=not args.no_report,
+                           alphas=alphas, dtype=DTYPES[args.dtype])
+    bars = []                                  # made on the first layer, so an early error prints no bar
+
+    def progress(done: int, total: int, what: str) -> None:
+        if not bars:
+            bars.append(tqdm(desc="quantize", unit="layer", total=total, disable=args.quiet))
+        bars[0].update(done - bars[0].n)
+        bars[0].set_postfix_str(what, refresh=False)
+
+    try:
+        res = quantize_flux(args.input, args.output, options=opts, calib_path=args.calib, progress=progress,
+                            report_path=args.report, print_table=not args.quiet)
+    finally:
+        for b in bars:
+            b.close()
+    print(f"wrote {res.output} ({res.variant}, {args.precision}, rank {args.rank}) in {res.seconds:.0f} s")
+    if res.report_path:
+        print(f"quality report: {res.report_path}")
+    return 0
