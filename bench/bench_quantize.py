@@ -4,7 +4,8 @@ Builds a random bf16 FLUX.1 file with the real FLUX.1-dev widths (hidden 3072, M
 CLIP vector 768, guidance) but only `--depth` double and `--depth-single` single blocks, quantizes it in
 a fresh child process (so its peak RSS is the quantizer's alone) and reports:
   - seconds per double block and per single block (from the progress callback's timestamps),
-  - the child's CPU seconds and peak RSS (getrusage), the output size and the source block sizes,
+  - the child's CPU seconds and peak RSS (VmHWM: getrusage's ru_maxrss would carry over the parent's peak
+    through fork + exec), the output size and the source block sizes,
   - FLUX.1-dev (19 double + 38 single blocks): 19·t_double + 38·t_single + the rest, and peak RSS as
     baseline + FLUX.1-dev output size + the measured per-block working set,
   - the machine's load average, because the 2 cores may be shared.
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEV_DOUBLE, DEV_SINGLE = 19, 38
 
 RUNNER = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 from nunchaku_core.quantize_flux import QuantizeOptions, quantize_flux
@@ -42,10 +43,13 @@ def output_parts(path):
         parts[kind] += n
     return parts
 
-def rss():
+def status(field):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
+
+def rss():
+    return status("VmRSS")
 src, out, precision, rank, report = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6] == "1"
 base = rss()
 marks = []
@@ -53,7 +57,7 @@ t0 = time.perf_counter(); c0 = time.process_time()
 res = quantize_flux(src, out, options=QuantizeOptions(precision=precision, rank=rank, report=report),
                     progress=lambda d, t, what: marks.append((time.perf_counter() - t0, what)))
 wall = time.perf_counter() - t0
-print(json.dumps({"wall": wall, "cpu": time.process_time() - c0, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"wall": wall, "cpu": time.process_time() - c0, "peak_rss": status("VmHWM"),
                   "base_rss": base, "marks": marks, "threads": torch.get_num_threads(),
                   "output_bytes": os.path.getsize(out), "output_parts": output_parts(out)}))
 """

@@ -44,9 +44,15 @@ ALPHAS_DATA_FREE = (1.0, 0.5)
 SYNTHETIC_ROWS = 64
 GPTQ_DAMP = 0.01     # fraction of mean(diag H) added to the diagonal (the GPTQ paper's default)
 GPTQ_BLOCK = 128     # columns per lazy-update block; a multiple of both group sizes
-# Output rows per step of the weight quantizer and of the error evaluation: bounds their fp32 temporaries
-# (and the reference's int64 e2m1 decode) to ROW_CHUNK·K elements; 2048·12288 fp32 is 100 MB.
-ROW_CHUNK = 2048
+# Elements per step of the weight quantizers and of the error evaluation (whole output rows, at least one):
+# bounds their temporaries. NVFP4 rounding and the reference's int64 e2m1 decode hold ~6 tensors of the chunk's
+# size at once; 2^22 elements keep that under ~150 MB (measured peak for a 3072 x 12288 layer: see bench/).
+CHUNK_ELEMENTS = 2 ** 22
+
+
+def _row_chunks(N: int, K: int):
+    step = max(1, CHUNK_ELEMENTS // K)
+    return (slice(n0, min(n0 + step, N)) for n0 in range(0, N, step))
 
 
 @dataclass
@@ -182,17 +188,16 @@ def quantize_groups_rtn(w: torch.Tensor, precision: str, *, dtype: torch.dtype =
                         wtscale: Optional[float] = None, clip_ratios: Sequence[float] = CLIP_RATIOS):
     """Round-to-nearest group quantization of w [N, K] fp32 with a per-group clipping search.
     Returns (codes int8 [N, K], wscales [N, K/G] (dtype for int4, float8_e4m3fn for nvfp4), wtscale or None).
-    Rows are independent (apart from NVFP4's per-tensor scale, fixed first), so they are processed ROW_CHUNK
-    at a time: the fp32 temporaries stay at ROW_CHUNK·K whatever N is."""
+    Rows are independent (apart from NVFP4's per-tensor scale, fixed first), so they are processed a chunk of
+    CHUNK_ELEMENTS at a time: the temporaries stay bounded whatever the layer size."""
     N, K = w.shape
     G = GROUP_SIZE[precision]
     if precision == "nvfp4" and wtscale is None:
         wtscale = nvfp4_tensor_scale(w, dtype)
     codes = torch.empty(N, K, dtype=torch.int8)
     stored = torch.empty(N, K // G, dtype=dtype if precision == "int4" else torch.float8_e4m3fn)
-    for n0 in range(0, N, ROW_CHUNK):
-        n1 = min(n0 + ROW_CHUNK, N)
-        codes[n0:n1], stored[n0:n1] = _rtn_rows(w[n0:n1], precision, dtype, wtscale, clip_ratios)
+    for rows in _row_chunks(N, K):
+        codes[rows], stored[rows] = _rtn_rows(w[rows], precision, dtype, wtscale, clip_ratios)
     return codes, stored, wtscale
 
 
@@ -335,7 +340,10 @@ def build_layer(w: torch.Tensor, bias: Optional[torch.Tensor], smooth: torch.Ten
         shifted=shifted, smooth_orig=smooth.to(dtype))
     b = bias.float() if bias is not None else None
     if shifted:
-        rowsum = (reference.dequantize_weight(layer) / smooth[None, :]).sum(dim=1)   # [N]
+        rowsum = torch.empty(N)                                          # Σ_k Deq[n,k]/s[k], [N]
+        for rows in _row_chunks(N, K):
+            part = replace(layer, codes=layer.codes[rows], wscales=layer.wscales[rows], proj_up=layer.proj_up[rows])
+            rowsum[rows] = (reference.dequantize_weight(part) / smooth[None, :]).sum(dim=1)
         b = (b if b is not None else torch.zeros(N)) - SIGMA * rowsum
     layer.bias = None if b is None else b.to(dtype)
     return layer.validate()
@@ -343,15 +351,14 @@ def build_layer(w: torch.Tensor, bias: Optional[torch.Tensor], smooth: torch.Ten
 
 def fast_forward(x: torch.Tensor, layer: SVDQuantLayer) -> torch.Tensor:
     """The reference forward computed as (dequantized activations)·(dequantized weights)ᵀ: the same
-    quantized operands as reference.svdquant_linear, one fp32 matmul per ROW_CHUNK output channels instead
+    quantized operands as reference.svdquant_linear, one fp32 matmul per chunk of output channels instead
     of the per-group einsum (they differ only by fp32 summation order). x: [M, K] -> fp32 [M, N]."""
     codes, scales = reference.quantize_act(x, layer)
     a = reference.dequantize_act(codes, scales, layer.precision)         # a: [M, K] fp32
     y = reference.lowrank_branch(x, layer)                               # y: [M, N] fp32
     if layer.bias is not None:
         y += layer.bias.float()
-    for n0 in range(0, layer.N, ROW_CHUNK):
-        rows = slice(n0, min(n0 + ROW_CHUNK, layer.N))
+    for rows in _row_chunks(layer.N, layer.K):
         part = replace(layer, codes=layer.codes[rows], wscales=layer.wscales[rows], proj_up=layer.proj_up[rows],
                        bias=None, wcscales=None if layer.wcscales is None else layer.wcscales[rows])
         w = reference.dequantize_weight(part)                            # w: [rows, K] fp32
@@ -462,16 +469,15 @@ def quantize_w4a16(w: torch.Tensor, bias: Optional[torch.Tensor], *, group_size:
     """Asymmetric uint4 per (row, group): scale = (max − min)/15, zero = min, both rounded to dtype first;
     codes = clamp(round((w − zero)/scale), 0, 15) so that w ≈ codes·scale + zero (reference.dequantize_w4a16).
     A short last group (K not a multiple of G) is padded with its own first column, which moves neither
-    its min nor its max. w: [N, K] in the ORIGINAL row order; bias stays the original bias. ROW_CHUNK rows
-    at a time (an 18432 x 3072 adaLN weight would otherwise need ~1 GB of fp32 temporaries)."""
+    its min nor its max. w: [N, K] in the ORIGINAL row order; bias stays the original bias. In row chunks
+    (an 18432 x 3072 adaLN weight would otherwise need ~1 GB of fp32 temporaries)."""
     N, K = w.shape
     G = group_size
     ng = math.ceil(K / G)
     codes = torch.empty(N, K, dtype=torch.uint8)
     scales = torch.empty(N, ng, dtype=dtype)
     zeros = torch.empty(N, ng, dtype=dtype)
-    for n0 in range(0, N, ROW_CHUNK):
-        rows = slice(n0, min(n0 + ROW_CHUNK, N))
+    for rows in _row_chunks(N, K):
         codes[rows], scales[rows], zeros[rows] = _w4a16_rows(w[rows].float(), G, dtype)
     return W4A16Layer(codes=codes, scales=scales, zeros=zeros,
                       bias=None if bias is None else bias.to(dtype), group_size=G).validate()

@@ -203,14 +203,17 @@ def test_w4a16_codes_and_error_bound(K):
 
 @pytest.mark.parametrize("precision", ["int4", "nvfp4"])
 def test_row_chunks_change_nothing(monkeypatch, precision):
-    """The quantizer and the error evaluation work ROW_CHUNK output rows at a time (memory bound): the result
-    is bit-identical to one chunk."""
+    """The quantizer and the error evaluation work a chunk of rows at a time (memory bound): the result is
+    bit-identical to one chunk."""
     w = decaying_weight(200, 256, seed=17)
     x = outlier_acts(9, 256)
+    shifted = precision == "int4"
+    b, s = torch.randn(200), Q.smooth_vector(None, w, 0.5)
     whole = Q.quantize_groups_rtn(w, precision)
-    layer = Q.build_layer(w, torch.randn(200), torch.ones(256), 16, precision)
+    layer = Q.build_layer(w, b, s, 16, precision, shifted=shifted)       # shifted: chunked bias compensation
     y_whole = Q.fast_forward(x, layer)
-    monkeypatch.setattr(Q, "ROW_CHUNK", 48)
+    monkeypatch.setattr(Q, "CHUNK_ELEMENTS", 48 * 256)                   # 48 rows of K = 256
+    assert torch.equal(Q.build_layer(w, b, s, 16, precision, shifted=shifted).bias, layer.bias)
     parts = Q.quantize_groups_rtn(w, precision)
     assert torch.equal(whole[0], parts[0]) and torch.equal(whole[1].float(), parts[1].float()) and whole[2] == parts[2]
     assert torch.allclose(Q.fast_forward(x, layer), y_whole, rtol=0, atol=1e-6 * y_whole.abs().max().item())
