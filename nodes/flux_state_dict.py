@@ -160,16 +160,14 @@ def _from_nunchaku(ckpt) -> dict:
         for suffix, cpp, py in flux.SINGLE_NORMS:
             sd[f"{bfl}.{suffix}"] = ckpt.plain_tensor(take(named(block, cpp, py), plain, "tensor"))
 
-    for bfl, diffusers in flux.UNQUANTIZED:
-        for t in ("weight", "bias"):
-            key = f"{diffusers}.{t}"
-            if key not in plain:
-                if bfl.startswith("guidance_in"):
-                    continue  # schnell has no guidance embedder
-                raise CheckpointError(f"{ckpt.path}: missing tensor {key!r}; every FLUX.1 Nunchaku file has it")
-            used.add(key)
-            value = ckpt.plain_tensor(key)
-            sd[f"{bfl}.{t}"] = flux.swap_halves(value) if bfl == flux.SWAPPED else value
+    try:
+        unquantized = flux.unquantized_keys(plain)
+    except KeyError as e:
+        raise CheckpointError(f"{ckpt.path}: missing tensor {e.args[0]!r}; every FLUX.1 Nunchaku file has it") from None
+    for bfl_key, key, swapped in unquantized:
+        used.add(key)
+        value = ckpt.plain_tensor(key)
+        sd[bfl_key] = flux.swap_halves(value) if swapped else value
 
     leftover = sorted(names - used)
     if leftover:

@@ -112,16 +112,13 @@ def plan(ckpt: NunchakuCheckpoint, dtype: torch.dtype) -> list[tuple[str, tuple,
             key = need(f"{block}.{cpp if ckpt.naming == 'cpp' else py}", plain, "tensor")
             out.append((f"{bfl}.{b_suffix}", tuple(ckpt.plain_tensor(key).shape), copy(key)))
 
-    for bfl_prefix, diff_prefix in flux.UNQUANTIZED:
-        for suffix in ("weight", "bias"):
-            key = f"{diff_prefix}.{suffix}"
-            if key not in plain:
-                if bfl_prefix.startswith("guidance_in"):
-                    continue  # schnell has no guidance embedder
-                raise ValueError(f"{ckpt.path}: missing tensor {key!r} needed for the Flux export")
-            used.add(key)
-            transform = flux.swap_halves if bfl_prefix == flux.SWAPPED else None
-            out.append((f"{bfl_prefix}.{suffix}", tuple(ckpt.plain_tensor(key).shape), copy(key, transform)))
+    try:
+        unquantized = flux.unquantized_keys(plain)
+    except KeyError as e:
+        raise ValueError(f"{ckpt.path}: missing tensor {e.args[0]!r} needed for the Flux export") from None
+    for bfl_key, key, swapped in unquantized:
+        used.add(key)
+        out.append((bfl_key, tuple(ckpt.plain_tensor(key).shape), copy(key, flux.swap_halves if swapped else None)))
 
     leftover = sorted((svdq | w4a16 | plain) - used)
     if leftover:

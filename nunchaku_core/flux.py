@@ -72,6 +72,22 @@ def swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a], dim=0)
 
 
+def unquantized_keys(available) -> list[tuple[str, str, bool]]:
+    """The unquantized tensors of a FLUX.1 Nunchaku file as (BFL key, diffusers key, halves swapped), in
+    UNQUANTIZED order. `available`: the file's plain tensor names. The guidance embedder is optional (schnell);
+    any other missing tensor raises KeyError naming it."""
+    out = []
+    for bfl, diffusers in UNQUANTIZED:
+        for suffix in ("weight", "bias"):
+            key = f"{diffusers}.{suffix}"
+            if key not in available:
+                if bfl.startswith("guidance_in"):
+                    continue  # schnell has no guidance embedder
+                raise KeyError(key)
+            out.append((f"{bfl}.{suffix}", key, bfl == SWAPPED))
+    return out
+
+
 def comfy_model_config(*, hidden_size: int, depth: int, depth_single_blocks: int, in_channels: int,
                        context_in_dim: int, vec_in_dim: int, guidance_embed: bool, num_heads: int | None = None,
                        axes_dim: list[int] | None = None, theta: int = 10000, out_channels: int = 16) -> dict:
