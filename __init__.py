@@ -13,7 +13,7 @@ import sys
 
 log = logging.getLogger("SVDQuant")
 
-NODE_MODULES = ("loader", "quantize", "text_encoder", "lora", "download")
+NODE_MODULES = ("loader", "quantize", "text_encoder", "lora_stack", "download")
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

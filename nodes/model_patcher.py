@@ -1,18 +1,150 @@
-"""ModelPatcher for SVDQuant models. The only behaviour that differs from ComfyUI's: the quantized layers'
-tensors are not in the model's state_dict, so ComfyUI's size (module_size over state_dict) would count only
-the unquantized layers and under-reserve memory when loading the model.
+"""ModelPatcher for SVDQuant models: ComfyUI's own patcher, plus what the quantized Linears (nodes/ops.py) need.
+
+- LoRA through the stock path. A quantized Linear lists its `weight` / `bias` in the state dict as meta tensors
+  (nodes/ops.py), so comfy.lora.model_lora_keys_unet maps every Flux LoRA format onto it and add_patches
+  stores the patches as usual: LoraLoader, LoraLoaderModelOnly and any pack that calls add_patches work
+  unchanged. add_patches here first checks every patch's shapes against the model (a mismatched LoRA raises
+  LoRAError naming the tensor, and nothing is stored). At load, after ComfyUI patched the unquantized weights,
+  each quantized Linear with patches gets LoRA-extended parts (nodes/lora_patches.py); unpatching drops them,
+  which restores the original modules exactly. A Linear whose patches did not change since the last load keeps
+  its extended parts, so changing one LoRA's strength re-joins only the layers that LoRA touches.
+- Memory: the meta entries are not memory; the quantized parts' tensors are (quantized_nbytes), for the
+  model's size and for ComfyUI's per-module load list.
 """
 from __future__ import annotations
 
+import logging
+import time
+
 import comfy.model_management
 import comfy.model_patcher
+import comfy.utils
 
-from .ops import quantized_nbytes
+from .lora_patches import DenseCache, LoRAError, build_lora_parts, check_patch, signature
+from .ops import quantized_linears, quantized_nbytes
+
+log = logging.getLogger("SVDQuant")
+
+
+def _bytes_without_meta(module) -> int:
+    return sum(t.nelement() * t.element_size() for t in module.state_dict().values() if not t.is_meta)
+
+
+def _split_key(k):
+    """add_patches' key forms: 'key', (key, offset) or (key, offset, function)."""
+    if isinstance(k, str):
+        return k, None, None
+    return k[0], k[1], (k[2] if len(k) > 2 else None)
 
 
 class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
     def model_size(self):
         if self.size > 0:
             return self.size
-        self.size = comfy.model_management.module_size(self.model) + quantized_nbytes(self.model)
+        self.size = _bytes_without_meta(self.model) + quantized_nbytes(self.model)
         return self.size
+
+    def _load_list(self):
+        quantized = {id(m) for _, m in quantized_linears(self.model)}
+        out = []
+        for offload_mem, mem, n, m, params in super()._load_list():
+            if id(m) in quantized:
+                mem = offload_mem = quantized_nbytes(m)
+            out.append((offload_mem, mem, n, m, params))
+        return out
+
+    # ---- LoRA ---------------------------------------------------------------------------------------------
+
+    def _quantized_keys(self) -> dict:
+        """'<module>.weight' / '.bias' key -> the quantized Linear, for this model."""
+        out = {}
+        for name, m in quantized_linears(self.model):
+            out[f"{name}.weight"] = out[f"{name}.bias"] = m
+        return out
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        with self.use_ejected():
+            model_sd = self.model.state_dict()
+            quantized = self._quantized_keys()
+            for k, v in patches.items():
+                key, offset, function = _split_key(k)
+                if key in model_sd:
+                    check_patch(key, (strength_patch, v, strength_model, offset, function),
+                                tuple(model_sd[key].shape), key in quantized)
+        return super().add_patches(patches, strength_patch, strength_model)
+
+    def add_hook_patches(self, hook, patches, strength_patch=1.0, strength_model=1.0):
+        quantized = self._quantized_keys()
+        hit = [_split_key(k)[0] for k in patches if _split_key(k)[0] in quantized]
+        if hit:
+            raise LoRAError(f"hook LoRAs (Create Hook LoRA / Set Model Hooks) on SVDQuant layers are not supported "
+                            f"({len(hit)} keys, first {hit[0]}); use LoraLoader / LoraLoaderModelOnly or 'SVDQuant "
+                            f"LoRA Stack', which apply to the whole sampling run")
+        return super().add_hook_patches(hook, patches, strength_patch, strength_model)
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        super().load(device_to, lowvram_model_memory=lowvram_model_memory, force_patch_weights=force_patch_weights,
+                     full_load=full_load)
+        with self.use_ejected():
+            self._patch_quantized()
+
+    def _patch_quantized(self) -> None:
+        """Give each quantized Linear its LoRA-extended parts for self.patches (all or none: on an error no
+        module changes and the error propagates). Parts built for the same patches before the last unpatch are
+        reused, so only the Linears whose patches changed are rebuilt."""
+        cache = getattr(self.model, "_svdq_lora_cache", None)
+        if cache is None:
+            cache = self.model._svdq_lora_cache = DenseCache()
+        linears = quantized_linears(self.model)
+        todo, reuse = [], []
+        for name, m in linears:
+            wp = self.patches.get(f"{name}.weight", [])
+            bp = self.patches.get(f"{name}.bias", [])
+            sig = (signature(wp), signature(bp))
+            kept = getattr(m, "lora_kept", None)
+            if sig == getattr(m, "lora_signature", _NO_PATCHES):
+                continue
+            if kept is not None and kept[0] == sig:
+                reuse.append((m, kept[1], sig))
+            else:
+                todo.append((name, m, wp, bp, sig))
+        new = []
+        t0 = time.perf_counter()
+        if todo:
+            pbar = comfy.utils.ProgressBar(len(todo))
+            for name, m, wp, bp, sig in todo:
+                parts = build_lora_parts(m, wp, bp, f"{name}.weight", cache) if sig != _NO_PATCHES else None
+                new.append((m, None if parts is None else type(m.parts)(parts), sig))
+                pbar.update(1)
+        for m, parts, sig in reuse + new:
+            m.lora_parts, m.lora_signature = parts, sig
+        for _, m in linears:
+            m.lora_kept = None
+        cache.keep_only_used()
+        if todo or reuse:
+            log.info("SVDQuant LoRA: %d quantized Linears rebuilt, %d reused, in %.3f s", len(todo), len(reuse),
+                     time.perf_counter() - t0)
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        if unpatch_weights:
+            # back to the original parts (bit-exact: they were never modified); the extended ones are kept
+            # until the next load, which reuses those whose patches did not change
+            for _, m in quantized_linears(self.model):
+                if m.lora_parts is not None:
+                    m.lora_kept = (m.lora_signature, m.lora_parts)
+                m.lora_parts, m.lora_signature = None, _NO_PATCHES
+        return super().unpatch_model(device_to, unpatch_weights)
+
+
+_NO_PATCHES = ((), ())
+
+
+
+def svdquant_patcher_like(patcher) -> SVDQuantModelPatcher:
+    """An SVDQuantModelPatcher for the model of a stock ModelPatcher ComfyUI made (comfy.sd.CLIP builds its own),
+    with the same devices and CLIP flags, before any patch was added."""
+    if patcher.patches or patcher.object_patches:
+        raise ValueError("svdquant_patcher_like: the patcher already has patches; swap it right after building")
+    n = SVDQuantModelPatcher(patcher.model, load_device=patcher.load_device, offload_device=patcher.offload_device)
+    n.hook_mode, n.is_clip = patcher.hook_mode, patcher.is_clip
+    return n

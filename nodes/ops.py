@@ -39,7 +39,23 @@ class _QuantLinear:
         self.register_parameter("weight", None)
         self.register_parameter("bias", None)
         self.parts = None                # torch.nn.ModuleList of SVDQuantLinear / W4A16Linear once loaded
+        self.lora_parts = None           # the same with LoRAs joined (nodes/lora_patches.py), while patched
+        self.lora_signature = ((), ())   # the patches lora_parts were built for (nodes/model_patcher.py)
+        self.lora_kept = None            # (signature, parts) of the last unpatch, reused if the next load matches
         self.split = "out"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # A quantized Linear lists `weight` (and `bias`) as meta tensors of the dense shape: ComfyUI maps LoRA
+        # keys and accepts patches (comfy.lora.model_lora_keys_unet, ModelPatcher.add_patches) only for keys in
+        # the state dict. They hold no data; SVDQuantModelPatcher applies those patches to the quantized parts
+        # and counts memory without them.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.parts is not None:
+            dtype = self.load_dtype or torch.float32
+            destination[prefix + "weight"] = torch.empty((self.out_features, self.in_features), dtype=dtype,
+                                                         device="meta")
+            if self.has_bias:
+                destination[prefix + "bias"] = torch.empty((self.out_features,), dtype=dtype, device="meta")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -76,26 +92,33 @@ class _QuantLinear:
         # Module.to()/cuda() reach tensors through _apply; the parts' tensors live in plain dataclasses, so
         # move them here. Only the device is taken from fn: a dtype cast must not touch codes or fp8 scales.
         super()._apply(fn, recurse)
-        if self.parts is not None:
-            for m in self.parts:
+        for parts in (self.parts, self.lora_parts):
+            for m in parts if parts is not None else ():
                 device = fn(torch.empty(0, device=m.device)).device
                 if device != m.device:
-                    m.layer = _layer_to(m.layer, device)
+                    m.layer = _layer_to(m.layer, device)   # a W4A16Linear's LoRA delta moves per call
         return self
 
     def quantized_tensors(self) -> list[torch.Tensor]:
         """Every tensor the quantized parts keep alive (nunchaku_core.linear drops the unpacked codes once the
-        kernel-layout copy exists)."""
-        return [t for m in (self.parts if self.parts is not None else ()) for t in m.held_tensors()]
+        kernel-layout copy exists), LoRA-extended parts included."""
+        return [t for parts in (self.parts, self.lora_parts) for m in (parts if parts is not None else ())
+                for t in m.held_tensors()]
+
+    def active_parts(self):
+        return self.lora_parts if self.lora_parts is not None else self.parts
 
     def _parts_for(self, x: torch.Tensor):
         """The parts with their tensors on x's device. When ComfyUI offloads this module (lowvram,
         comfy_cast_weights), they stay on the offload device and are copied per call, as stock weights are."""
-        for m in self.parts:
+        for m in self.active_parts():
             if m.device == x.device:
                 yield m
             else:
-                yield type(m)(_layer_to(m.layer, x.device), backend=m.backend)
+                copy = type(m)(_layer_to(m.layer, x.device), backend=m.backend)
+                if getattr(m, "delta", None) is not None:
+                    copy.delta = m.delta
+                yield copy
 
     def forward(self, x, *args, **kwargs):
         if self.parts is None:
@@ -151,3 +174,8 @@ def quantized_nbytes(model: torch.nn.Module) -> int:
                     seen.add(t.data_ptr())
                     total += t.numel() * t.element_size()
     return total
+
+
+def quantized_linears(model: torch.nn.Module) -> list:
+    """(name, module) of every Linear holding quantized parts, names as in model.state_dict()."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantLinear) and m.parts is not None]

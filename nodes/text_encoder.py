@@ -22,7 +22,8 @@ import folder_paths
 from nunchaku_core.formats import nunchaku_t5
 
 from .flux_state_dict import QUANT_KEY, QuantizedLinear
-from .ops import SVDQuantCastOps, quantized_nbytes
+from .model_patcher import svdquant_patcher_like
+from .ops import SVDQuantCastOps
 
 log = logging.getLogger("SVDQuant")
 
@@ -86,8 +87,10 @@ def load_text_encoder(t5_path: str, clip_l_path: str, embedding_directory=None) 
             log.warning("SVDQuant: %s: clip missing: %s", path, missing)    # as ComfyUI's own loaders say
         if unexpected:
             log.debug("SVDQuant: %s: unused keys %s", path, unexpected)
-    model = clip.cond_stage_model
-    clip.patcher.size = comfy.model_management.module_size(model) + quantized_nbytes(model)
+    # our ModelPatcher: memory without the meta placeholders, and LoRAs (LoraLoader's CLIP side) joined to the
+    # 4-bit T5 linears instead of being dropped
+    clip.patcher = svdquant_patcher_like(clip.patcher)
+    clip.patcher.model_size()
     log.info("SVDQuant: text encoder %s (T5 %d layers, d_model %d, %d of %d linears 4-bit) + %s, %.2f GiB",
              t5_path, t5.config["num_layers"], t5.config["d_model"], len(t5.quantized),
              len(t5.quantized) + len(t5.plain_linears), clip_l_path, clip.patcher.size / 2**30)

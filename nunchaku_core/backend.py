@@ -193,6 +193,32 @@ def pack_w4a16(layer: W4A16Layer, device: Union[str, torch.device] = "cpu", back
     return Packed("reference", resolved, device, layer)
 
 
+def repack_lowrank(packed: Packed, layer: SVDQuantLayer, backend: Optional[str] = None) -> Packed:
+    """`packed` with the low-rank branch and bias of `layer`, which must be packed's layer with only proj_down,
+    proj_up and bias changed (a LoRA). On the CPU kernels the 4-bit codes, scales and smoothing are shared, not
+    repacked; elsewhere (reference, CUDA, or a rank past the CPU kernels' limit) the layer is packed as usual."""
+    if packed.backend == "cpu" and layer.R <= cpu_packing.MAX_RANK:
+        return Packed("cpu", packed.resolved, packed.device, _without_codes(layer),
+                      cpu_packing.repack_w4a4_lowrank(packed.kernel, layer))
+    if layer.codes.is_meta:
+        layer = dataclasses.replace(layer, codes=full_layer(packed).codes)
+    if packed.backend == "reference" and packed.resolved == "reference":
+        return Packed("reference", "reference", packed.device, layer)
+    return pack_svdquant(layer, packed.device, backend)
+
+
+def repack_bias(packed: Packed, layer: W4A16Layer) -> Packed:
+    """`packed` (W4A16) with the bias of `layer`, which must be packed's layer with only the bias changed."""
+    if packed.backend == "cpu":
+        return Packed("cpu", packed.resolved, packed.device, _without_codes(layer),
+                      cpu_packing.repack_w4a16_bias(packed.kernel, layer.bias))
+    if packed.backend == "cuda":
+        from . import cuda_packing
+        return Packed("cuda", packed.resolved, packed.device, layer,
+                      _to(cuda_packing.pack_w4a16_layer(layer), packed.device))
+    return Packed(packed.backend, packed.resolved, packed.device, layer)
+
+
 def _to(weights, device: torch.device):
     """The tensors of a cuda_packing dataclass moved to `device` (in place)."""
     for name, value in vars(weights).items():

@@ -23,6 +23,7 @@ W4A16 (W4A16Layer):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -107,16 +108,35 @@ def pack_w4a4(layer: SVDQuantLayer) -> CpuW4A4:
     if layer.precision == "nvfp4":
         wscales = wscales * 0.25
     wscales = _blocked(_pad_rows(wscales, NB * BLOCK_N), NB)
-    R16 = _ceil_div(R, RANK_ALIGN) * RANK_ALIGN
-    proj_down = torch.zeros(K, R16)
-    proj_down[:, :R] = layer.proj_down.cpu().float()
-    proj_up = _blocked(_pad_rows(layer.proj_up.cpu().float(), NB * BLOCK_N), NB)
-    bias = None if layer.bias is None else _pad_rows(layer.bias.cpu().float(), NB * BLOCK_N)
+    proj_down, proj_up, bias = _pack_lowrank_bias(layer, NB)
     out_scale = None
     if layer.wtscale is not None or layer.wcscales is not None:
         out_scale = _pad_rows(output_scale(layer).cpu(), NB * BLOCK_N, 1.0).contiguous()
     return CpuW4A4(layer.precision, N, K, R, layer.shifted, wcodes, wscales, layer.smooth.cpu().float().contiguous(),
                    proj_down, proj_up, bias, out_scale)
+
+
+def _pack_lowrank_bias(layer: SVDQuantLayer, NB: int) -> tuple:
+    """proj_down [K, R16], proj_up [NB, R, 16] and bias [NB·16] (or None) in the layout above, fp32."""
+    K, R = layer.K, layer.R
+    R16 = _ceil_div(R, RANK_ALIGN) * RANK_ALIGN
+    proj_down = torch.zeros(K, R16)
+    proj_down[:, :R] = layer.proj_down.cpu().float()
+    proj_up = _blocked(_pad_rows(layer.proj_up.cpu().float(), NB * BLOCK_N), NB)
+    bias = None if layer.bias is None else _pad_rows(layer.bias.cpu().float(), NB * BLOCK_N)
+    return proj_down, proj_up, bias
+
+
+def repack_w4a4_lowrank(p: CpuW4A4, layer: SVDQuantLayer) -> CpuW4A4:
+    """A packed layer whose low-rank branch and bias are `layer`'s (e.g. a LoRA-extended layer), everything else
+    shared with `p` (codes, scales, smoothing are not copied). `layer` must differ from p's only in proj_down,
+    proj_up and bias: that is what makes applying a LoRA cost O((N + K)·R), not a repack of the 4-bit codes."""
+    if (layer.N, layer.K, layer.precision, layer.shifted) != (p.N, p.K, p.precision, p.shifted):
+        raise ValueError(f"repack_w4a4_lowrank: layer [N, K] = [{layer.N}, {layer.K}] {layer.precision} "
+                         f"shifted={layer.shifted} does not match the packed [{p.N}, {p.K}] {p.precision} "
+                         f"shifted={p.shifted}")
+    proj_down, proj_up, bias = _pack_lowrank_bias(layer, p.wcodes.shape[0])
+    return dataclasses.replace(p, R=layer.R, proj_down=proj_down, proj_up=proj_up, bias=bias)
 
 
 def unpack_w4a4_codes(p: CpuW4A4) -> torch.Tensor:
@@ -154,6 +174,14 @@ def pack_w4a16(layer: W4A16Layer) -> CpuW4A16:
     zeros = _blocked(_pad_rows(layer.zeros.cpu().float(), NB * BLOCK_N), NB)
     bias = None if layer.bias is None else _pad_rows(layer.bias.cpu().float(), NB * BLOCK_N)
     return CpuW4A16(N, K, G, wcodes, scales, zeros, bias)
+
+
+def repack_w4a16_bias(p: CpuW4A16, bias: Optional[torch.Tensor]) -> CpuW4A16:
+    """A packed W4A16 layer with another bias [N] (or None), codes/scales/zeros shared with `p`."""
+    if bias is not None and tuple(bias.shape) != (p.N,):
+        raise ValueError(f"repack_w4a16_bias: bias {list(bias.shape)}, the layer has N = {p.N}")
+    NB = p.wcodes.shape[0]
+    return dataclasses.replace(p, bias=None if bias is None else _pad_rows(bias.cpu().float(), NB * BLOCK_N))
 
 
 def unpack_w4a16_codes(p: CpuW4A16) -> torch.Tensor:

@@ -73,6 +73,14 @@ class _PackedLinear(torch.nn.Module):
             self._packed_for(torch.empty(0), pack)
 
 
+    def _sibling(self, layer, packed: Optional[_backend.Packed]):
+        """A module of the same class holding `layer` and `packed` (no packing here)."""
+        m = type(self).__new__(type(self))
+        _PackedLinear.__init__(m, layer, self.backend)
+        m._packed = packed
+        return m
+
+
 class SVDQuantLinear(_PackedLinear):
     def __init__(self, layer: SVDQuantLayer, backend: Optional[str] = None):
         super().__init__(layer, backend)
@@ -81,11 +89,76 @@ class SVDQuantLinear(_PackedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _backend.svdquant_linear(x, self._packed_for(x, _backend.pack_svdquant))
 
+    def with_lora(self, downs, ups, scales, bias: Optional[torch.Tensor]) -> "SVDQuantLinear":
+        """with_lowrank for LoRAs: the branch becomes [D | down_i ...], [U | s_i·up_i ...] in fp32
+        (nunchaku_core.lora.extend_lowrank; downs[i] [K, r_i], ups[i] [N, r_i]), the bias is `bias`."""
+        from .lora import extend_lowrank
+        ext = extend_lowrank(self._layer, downs, ups, scales, dtype=torch.float32)
+        return self.with_lowrank(ext.proj_down, ext.proj_up, bias)
+
+    @property
+    def rank(self) -> int:
+        return self._layer.R
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The layer's stored bias (for shifted layers not the effective one: see reference.effective_bias)."""
+        return self._layer.bias
+
+    def with_lowrank(self, proj_down: torch.Tensor, proj_up: torch.Tensor, bias: Optional[torch.Tensor]) -> "SVDQuantLinear":
+        """A new module whose layer has this low-rank branch and bias (a LoRA-extended layer, see
+        nunchaku_core.lora.extend_lowrank); codes, scales and smoothing, packed or not, are shared with this one,
+        which is left untouched (dropping the new module restores the original exactly). Only the branch and the
+        bias are repacked: O((N + K)·R)."""
+        layer = dataclasses.replace(self._layer, proj_down=proj_down, proj_up=proj_up, bias=bias).validate()
+        p = self._packed
+        packed = None
+        if p is not None:
+            if p.layer is not self._layer:        # a stale pack (layer swapped since): pack afresh at first use
+                packed = None
+            else:
+                packed = _backend.repack_lowrank(p, layer, self.backend)
+                layer = packed.layer
+        return self._sibling(layer, packed)
+
 
 class W4A16Linear(_PackedLinear):
+    """A weight-only 4-bit layer, optionally with `delta` (nunchaku_core.lora.LowRankDelta: LoRAs that run as a
+    separate fp32 low-rank branch; see with_delta)."""
+
     def __init__(self, layer: W4A16Layer, backend: Optional[str] = None):
         super().__init__(layer, backend)
+        self.delta = None
         self._pack_now_if_cpu(_backend.pack_w4a16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _backend.w4a16_linear(x, self._packed_for(x, _backend.pack_w4a16))
+        y = _backend.w4a16_linear(x, self._packed_for(x, _backend.pack_w4a16))
+        if self.delta is None:
+            return y
+        return (y.float() + self.delta.apply(x)).to(y.dtype)
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self._layer.bias
+
+    def with_delta(self, delta, bias: Optional[torch.Tensor]) -> "W4A16Linear":
+        """A new module running this layer with `bias` plus the LoRAs in `delta` (LowRankDelta or None) beside
+        it: y = W4A16(x) + Δ(x), added in fp32 and rounded once more to x's dtype. Codes, scales and zeros,
+        packed or not, are shared; this module is left untouched."""
+        if delta is not None:
+            delta.check_layer(self._layer, "W4A16Linear.with_delta")
+        layer = dataclasses.replace(self._layer, bias=bias).validate()
+        p = self._packed
+        packed = None
+        if p is not None and p.layer is self._layer:
+            packed = _backend.repack_bias(p, layer)
+            layer = packed.layer
+        m = self._sibling(layer, packed)
+        m.delta = delta
+        return m
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        out = super().held_tensors()
+        if self.delta is not None:
+            out += list(self.delta.downs) + list(self.delta.ups)
+        return out

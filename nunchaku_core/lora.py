@@ -35,24 +35,26 @@ def _check_part(where: str, down: torch.Tensor, up: torch.Tensor, K: int, N: int
 
 
 def extend_lowrank(layer: SVDQuantLayer, downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor],
-                   scales: Sequence[float]) -> SVDQuantLayer:
+                   scales: Sequence[float], dtype: Optional[torch.dtype] = None) -> SVDQuantLayer:
     """A new layer whose low-rank branch also carries the LoRAs: D ← [D | down_i ...], U ← [U | s_i·up_i ...].
 
     downs[i]: [K, r_i], ups[i]: [N, r_i], any float dtype; scales[i] = strength·alpha/rank.
     The layer is not modified; the new one shares every tensor except proj_down / proj_up. Parts with scale 0
     or rank 0 are left out (strength 0 is then exactly the original W_eff, at no run-time cost).
 
-    Dtype: the new columns take the layer's low-rank dtype (bf16 in every file we know). s·up is formed in
-    fp32 and rounded once, so each new element of U and D carries one rounding (relative ≤ 2^-8 for bf16)
-    and each element of the added ΔW is within (2·2^-8 + 2^-16)·Σ_r |s·up|·|down| of the exact one. That is
-    far below the 4-bit residual's error (an int4 step is 1/7 of a group's absmax); a caller that wants the LoRA exact can run it
-    as a LowRankDelta (fp32 scale, file dtype weights) beside the layer instead.
+    Dtype: `dtype` if given (the whole branch, original columns included, is converted to it), else the layer's
+    low-rank dtype (bf16 in every file we know). s·up is formed in fp32 and rounded once, so with bf16 each
+    new element of U and D carries one rounding (relative ≤ 2^-8) and each element of the added ΔW is within
+    (2·2^-8 + 2^-16)·Σ_r |s·up|·|down| of the exact one. That is far below the 4-bit residual's error (an
+    int4 step is 1/7 of a group's absmax). With dtype=float32 (what the ComfyUI LoRA path uses: the CPU
+    kernels keep the branch in fp32 anyway) bf16 or fp32 LoRA weights are stored exactly and only s·up rounds,
+    once, to fp32; the original bf16 columns convert to fp32 exactly, so strength 0 stays the original W_eff.
     """
     if not (len(downs) == len(ups) == len(scales)):
         raise ValueError(f"extend_lowrank: {len(downs)} downs, {len(ups)} ups, {len(scales)} scales; expected one "
                          f"of each per LoRA")
-    dtype, device = layer.proj_down.dtype, layer.proj_down.device
-    new_d, new_u = [layer.proj_down], [layer.proj_up]
+    dtype, device = dtype or layer.proj_down.dtype, layer.proj_down.device
+    new_d, new_u = [layer.proj_down.to(dtype)], [layer.proj_up.to(dtype)]
     for i, (down, up, s) in enumerate(zip(downs, ups, scales)):
         _check_part(f"extend_lowrank: LoRA {i}", down, up, layer.K, layer.N)
         if s == 0 or down.shape[1] == 0:
@@ -60,7 +62,7 @@ def extend_lowrank(layer: SVDQuantLayer, downs: Sequence[torch.Tensor], ups: Seq
         new_d.append(down.to(device=device, dtype=dtype))
         new_u.append((up.to(device=device, dtype=torch.float32) * float(s)).to(dtype))   # one rounding of s·up
     if len(new_d) == 1:
-        return dataclasses.replace(layer)
+        return dataclasses.replace(layer, proj_down=new_d[0], proj_up=new_u[0])
     return dataclasses.replace(layer, proj_down=torch.cat(new_d, dim=1), proj_up=torch.cat(new_u, dim=1))
 
 

@@ -91,7 +91,7 @@ def write_extra_paths(work: Path, comfy: Path) -> Path:
         (nodes / PACK_NAME).symlink_to(REPO)
     cfg = work / "extra_model_paths.yaml"
     cfg.write_text(f"svdq_demo:\n  base_path: {work}\n  diffusion_models: models/diffusion_models\n"
-                   f"  vae_approx: models/vae_approx\n  custom_nodes: custom_nodes\n")
+                   f"  vae_approx: models/vae_approx\n  loras: models/loras\n  custom_nodes: custom_nodes\n")
     return cfg
 
 

@@ -15,6 +15,8 @@ products; u16 = 2^-8, the bf16 unit roundoff):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -288,3 +290,66 @@ def test_compress_zero_and_feeds_extend():
     assert_w_eff_delta(layer, ext, *dense([(down, up, 1.0)]), exact=False)
     with pytest.raises(ValueError, match=r"energy"):
         lora.compress_to_lowrank(w, energy=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the quantized modules with LoRAs joined (nunchaku_core.linear), on every backend that runs here
+# ---------------------------------------------------------------------------------------------------------
+
+def _backends():
+    from nunchaku_core import backend
+    return ["reference"] + (["cpu"] if backend.extension_available() else [])
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("precision,shifted", [("int4", False), ("int4", True), ("nvfp4", False)])
+def test_module_with_lora_shares_codes_and_matches_a_fresh_pack(backend, precision, shifted):
+    """SVDQuantLinear.with_lora repacks only the low-rank branch and the bias; its output must be bit-identical
+    to a module built from scratch on the same extended layer (same kernel, same packed data), and the original
+    module must be untouched. Ranks 32 + 40 + 9 = 81 (not a multiple of 16)."""
+    from nunchaku_core import cpu_packing
+    from nunchaku_core.linear import SVDQuantLinear
+    g = gen(11)
+    layer = random_svdquant(96, 128, 32, precision, g, shifted=shifted)
+    base = SVDQuantLinear(layer, backend=backend)
+    x = torch.randn(5, 128, generator=g)
+    y0 = base(x)
+    parts = [rand_lora(96, 128, 40, g), rand_lora(96, 128, 9, g)]
+    bias = torch.randn(96, generator=g) * 0.01
+    ext = base.with_lora([d for d, _ in parts], [u for _, u in parts], [0.7, -1.3], bias)
+    full = lora.extend_lowrank(layer, [d for d, _ in parts], [u for _, u in parts], [0.7, -1.3], dtype=torch.float32)
+    fresh = SVDQuantLinear(dataclasses.replace(full, bias=bias), backend=backend)
+    assert ext.rank == 81
+    assert torch.equal(ext(x), fresh(x))
+    assert torch.equal(base(x), y0)
+    if backend == "cpu":
+        assert ext._packed.kernel.wcodes is base._packed.kernel.wcodes       # codes shared, not repacked
+        ref = cpu_packing.pack_w4a4(dataclasses.replace(full, bias=bias))
+        for name in ("proj_down", "proj_up", "bias"):
+            assert torch.equal(getattr(ext._packed.kernel, name), getattr(ref, name)), name
+    # and against the reference forward of the extended layer (fp32 rounding of the branch only: loose check)
+    want = ref_linear_fp32(dataclasses.replace(full, bias=bias), x)
+    assert (ext(x) - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def ref_linear_fp32(layer, x):
+    return ref.svdquant_linear(x, layer).float()
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_w4a16_module_with_delta(backend):
+    from nunchaku_core.linear import W4A16Linear
+    g = gen(12)
+    layer = random_w4a16(80, 128, g)
+    base = W4A16Linear(layer, backend=backend)
+    x = torch.randn(4, 128, generator=g)
+    y0 = base(x)
+    d, u = rand_lora(80, 128, 6, g)
+    delta = lora.LowRankDelta([d], [u], [0.5])
+    bias = torch.randn(80, generator=g) * 0.01
+    ext = base.with_delta(delta, bias)
+    y = ext(x)
+    want = W4A16Linear(dataclasses.replace(layer, bias=bias), backend=backend)(x).float() + 0.5 * (x @ d) @ u.T
+    assert (y - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(base(x), y0)
+    assert torch.equal(ext.with_delta(None, layer.bias)(x), y0)

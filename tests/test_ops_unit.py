@@ -7,12 +7,8 @@ accounting and the error messages for bad files.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,29 +21,15 @@ from nunchaku_core.formats.nunchaku import CheckpointError, open_nunchaku
 from nunchaku_core.layer import tensors_equal
 
 import flux_models as fm
+from comfy_inprocess import pack_module
 
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI = Path(os.environ.get("SVDQ_COMFYUI", REPO / ".comfyui" / "ComfyUI"))
-PACK = "svdquant_pack_under_test"
 U32 = 2.0 ** -24   # fp32 unit roundoff
 
 
 @pytest.fixture(scope="module")
 def pack():
     """ComfyUI (CPU) and this repository imported as a custom-node package, as ComfyUI would."""
-    if not (COMFYUI / "comfy").is_dir():
-        pytest.fail(f"no ComfyUI at {COMFYUI}: run scripts/setup_env.sh or set SVDQ_COMFYUI")
-    if str(COMFYUI) not in sys.path:
-        sys.path.insert(0, str(COMFYUI))   # first: ComfyUI's own `nodes` module must win over our nodes/ package
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True       # before comfy.model_management picks a device
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    assert "SVDQuantFluxLoader" in sys.modules[PACK].NODE_CLASS_MAPPINGS
-    return sys.modules[f"{PACK}.nodes.loader"]
+    return pack_module("loader")
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +119,14 @@ def test_forward_and_sampling_objects(pack, files):
 def test_model_size_counts_quantized_tensors(pack, files):
     import comfy.model_management
     patcher = pack.load_svdquant_flux(str(files["int4"]))
-    plain = comfy.model_management.module_size(patcher.model)
+    sd = patcher.model.state_dict()
+    # quantized Linears list weight/bias as data-free meta tensors of the dense shape (for ComfyUI's LoRA key
+    # maps); ComfyUI's module_size would count them as dense, our model_size must not
+    meta = {k: v for k, v in sd.items() if v.is_meta}
+    quantized = {n for n, m in _linears(patcher.model).items() if m.parts is not None}
+    assert {k.rsplit(".", 1)[0] for k in meta} == {f"diffusion_model.{n}" for n in quantized}
+    assert comfy.model_management.module_size(patcher.model) > patcher.model_size()
+    plain = sum(v.numel() * v.element_size() for v in sd.values() if not v.is_meta)
     parts = [p for m in _linears(patcher.model).values() if m.parts is not None for p in m.parts]
     held = sum(t.numel() * t.element_size() for p in parts for t in p.held_tensors())
     assert held > plain > 0

@@ -14,6 +14,7 @@ DiT checkpoint given as text encoder failing with our message.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,6 +52,12 @@ UNWEIGHTED = [0, 1, 2, 4]          # prompts whose T5 part is the plain encoder 
 # r <= 0.42, i.e. cos >= 1/√(1 + 0.42²) = 0.92. Bugs give far less (one wrong scale fold: r ~0.7, cos ~0.8;
 # a wrong layout or config: cos ~0). It bounds bugs on random weights; it is not a quality figure for T5-XXL.
 MIN_COSINE = 0.92
+# the test T5 LoRA: rank 4 on every linear of each block (ComfyUI's T5 names after lora_te2_encoder_block_<i>_)
+T5_LORA_SHAPES = {"layer_0_SelfAttention_q": (128, 128), "layer_0_SelfAttention_k": (128, 128),
+                  "layer_0_SelfAttention_v": (128, 128), "layer_0_SelfAttention_o": (128, 128),
+                  "layer_1_DenseReluDense_wi_0": (256, 128), "layer_1_DenseReluDense_wi_1": (256, 128),
+                  "layer_1_DenseReluDense_wo": (128, 256)}
+T5_LORA_STD = 0.3
 # ComfyUI's fp32 T5 against our reference forward on the same weights: only the summation order differs
 # (SDPA vs explicit softmax, fused matmuls): ~1e-6 relative per layer, so 1e-4 over 2 blocks is a loose bound
 # that still catches any real difference (a wrong config or weight gives O(1)).
@@ -111,6 +118,7 @@ PROBE = r"""
 import importlib.util, json, sys, traceback
 comfyui, repo, d, out = sys.argv[1:5]
 prompts = json.loads(sys.argv[5])
+T5_LORA_SHAPES, T5_LORA_STD = json.loads(sys.argv[6]), float(sys.argv[7])
 sys.path.insert(0, comfyui)
 sys.argv = [sys.argv[0], "--cpu"]                 # as the server runs: no GPU probing
 import comfy.options
@@ -125,7 +133,7 @@ sys.modules["ComfyUI-SVDQuant"] = pack
 spec.loader.exec_module(pack)
 assert "SVDQuantTextEncoderLoader" in pack.NODE_CLASS_MAPPINGS
 te = sys.modules["ComfyUI-SVDQuant.nodes.text_encoder"]
-tensors, info = {}, {"errors": {}, "size": {}}
+tensors, info = {}, {"errors": {}, "size": {}, "lora": {}}
 for case in ("t5_fp16", "t5_int4"):
     clip = te.load_text_encoder(f"{d}/{case}.safetensors", f"{d}/clip_l.safetensors")
     info["size"][case] = clip.patcher.model_size()
@@ -135,6 +143,24 @@ for case in ("t5_fp16", "t5_int4"):
         tensors[f"{case}/{i}/pooled"] = cond[0][1]["pooled_output"].contiguous()
         if case == "t5_fp16":
             tensors[f"ids/{i}"] = torch.tensor([[t for t, w in seg] for seg in clip.tokenize(p)["t5xxl"]])
+    # a T5 LoRA through ComfyUI's own path (load_lora_for_models, LoraLoader's CLIP side), then without it again
+    import comfy.sd
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for b in range(2):
+        for name, (n, k) in T5_LORA_SHAPES.items():
+            key = f"lora_te2_encoder_block_{b}_{name}"
+            lora[key + ".lora_down.weight"] = torch.randn(4, k, generator=g) * T5_LORA_STD
+            lora[key + ".lora_up.weight"] = torch.randn(n, 4, generator=g) * T5_LORA_STD
+    _, clip_lora = comfy.sd.load_lora_for_models(None, clip, lora, 0.0, 1.0)
+    (cond,) = nodes.CLIPTextEncode().encode(clip_lora, prompts[1])
+    tensors[f"{case}/lora/t5"] = cond[0][0].contiguous()
+    mods = list(clip_lora.cond_stage_model.modules())
+    info["lora"][case] = {"patches": len(clip_lora.patcher.patches),
+                          "quantized": sum(1 for m in mods if getattr(m, "parts", None) is not None),
+                          "joined": sum(1 for m in mods if getattr(m, "lora_parts", None) is not None)}
+    (cond,) = nodes.CLIPTextEncode().encode(clip, prompts[1])
+    tensors[f"{case}/after_lora/t5"] = cond[0][0].contiguous()
     # stock conditioning nodes on our conditioning
     (c,) = nodes.CLIPTextEncode().encode(clip, prompts[0])
     (g,) = FluxGuidance().append(c, 2.5)
@@ -160,10 +186,33 @@ json.dump(info, open(out + ".json", "w"))
 def encoded(te_files, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("probe") / "encoded")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    r = subprocess.run([sys.executable, "-c", PROBE, str(COMFYUI), str(REPO), str(te_files), out, json.dumps(PROMPTS)],
+    r = subprocess.run([sys.executable, "-c", PROBE, str(COMFYUI), str(REPO), str(te_files), out, json.dumps(PROMPTS),
+                        json.dumps(T5_LORA_SHAPES), str(T5_LORA_STD)],
                        capture_output=True, text=True, cwd=COMFYUI, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return load_file(out + ".safetensors"), json.load(open(out + ".json"))
+
+
+def test_t5_lora_joins_the_4bit_linears(encoded):
+    """A T5 LoRA on every linear of the tiny T5 (OneTrainer's lora_te2_ keys), through ComfyUI's own
+    load_lora_for_models: every key is patched, on the 4-bit side every quantized linear gets the LoRA joined,
+    and its effect on the conditioning matches the 16-bit side's. Bound: with and without the LoRA, the 4-bit
+    output differs from the 16-bit one by the quantization error, ‖e‖ ≤ r·‖y‖ with r = 0.42 (MIN_COSINE's
+    budget), so the two LoRA effects differ by at most r·(‖y_lora‖ + ‖y‖). Removing the LoRA is bit-identical."""
+    t, info = encoded
+    n_keys = 2 * len(T5_LORA_SHAPES)
+    assert info["lora"]["t5_fp16"]["patches"] == n_keys and info["lora"]["t5_int4"]["patches"] == n_keys
+    assert info["lora"]["t5_int4"]["joined"] == info["lora"]["t5_int4"]["quantized"] > 0
+    effect = {c: t[f"{c}/lora/t5"].double() - t[f"{c}/1/t5"].double() for c in ("t5_fp16", "t5_int4")}
+    r = math.sqrt(1 / MIN_COSINE ** 2 - 1)
+    bound = r * (t["t5_int4/lora/t5"].double().norm() + t["t5_int4/1/t5"].double().norm())
+    diff = (effect["t5_int4"] - effect["t5_fp16"]).norm()
+    print(f"T5 LoRA effect ‖Δ‖ 16-bit {effect['t5_fp16'].norm():.4g}, 4-bit {effect['t5_int4'].norm():.4g}; "
+          f"difference {diff:.4g} (bound {bound:.4g})")
+    assert effect["t5_fp16"].norm() > bound, "the test LoRA is too weak to tell anything"
+    assert diff <= bound
+    for c in ("t5_fp16", "t5_int4"):
+        assert torch.equal(t[f"{c}/after_lora/t5"], t[f"{c}/1/t5"]), c
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

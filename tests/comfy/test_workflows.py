@@ -83,8 +83,9 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return api
 
 
-def with_test_models(api: dict, object_info: dict, model_name: str) -> dict:
-    """Swap in the test models (module docstring); returns a new graph."""
+def with_test_models(api: dict, object_info: dict, model_name: str, lora_name: str | None = None) -> dict:
+    """Swap in the test models (module docstring); returns a new graph. A LoraLoader loses its CLIP side (no
+    text encoder here) and becomes LoraLoaderModelOnly on a tiny random LoRA for the tiny model."""
     g = copy.deepcopy(api)
     loader = next(k for k, n in g.items() if n["class_type"] == "SVDQuantFluxLoader")
     for key, node in list(g.items()):
@@ -97,6 +98,14 @@ def with_test_models(api: dict, object_info: dict, model_name: str) -> dict:
                       "inputs": {"model": [loader, 0], "tokens": 8, "guidance": 3.5, "seed": int(key)}}
         elif t == "SVDQuantFluxLoader":
             inputs["model_name"] = model_name
+        elif t == "LoraLoader":
+            g[key] = {"class_type": "LoraLoaderModelOnly",
+                      "inputs": {"model": inputs["model"], "lora_name": lora_name,
+                                 "strength_model": inputs["strength_model"]}}
+        elif t == "SVDQuantLoRAStack":
+            inputs.pop("clip", None)
+            for name in [k for k in inputs if k.startswith("lora_")]:
+                inputs[name] = lora_name if inputs[name] != "None" else "None"
         elif t == "VAELoader":
             inputs["vae_name"] = "taef1"
         elif t == "EmptySD3LatentImage":
@@ -189,11 +198,21 @@ def tiny_models(comfy_models) -> dict[bool, str]:
                                              guidance=g).name for g in (True, False)}
 
 
+@pytest.fixture(scope="module")
+def tiny_lora(comfy_models) -> str:
+    """A kohya-format LoRA for the tiny models, in models/loras."""
+    from safetensors.torch import save_file
+    import lora_files
+    sd, _ = lora_files.kohya(hidden=256, depth=1, depth_single=1)
+    save_file(sd, str(comfy_models / "loras" / "svdq_workflow_tiny_lora.safetensors"))
+    return "svdq_workflow_tiny_lora.safetensors"
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_runs(comfy, object_info, tiny_models, path):
+def test_workflow_runs(comfy, object_info, tiny_models, tiny_lora, path):
     api = ui_to_api(load(path), object_info)
     guidance = any(n["class_type"] == "FluxGuidance" for n in api.values())
-    graph = with_test_models(api, object_info, tiny_models[guidance])
+    graph = with_test_models(api, object_info, tiny_models[guidance], tiny_lora)
     entry = comfy.run(graph)
     assert entry["status"]["status_str"] == "success", json.dumps(comfy.error(entry), indent=1)[:3000]
     images = comfy.images(entry)
