@@ -33,6 +33,10 @@ ISA_FLAGS = {
                         "-mavx512vnni"],
 }
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-maybe-uninitialized"]
+# at::parallel_for is a header template: without -fopenmp (_OPENMP undefined) it runs the whole range on the
+# calling thread, which is how the kernels ran single-threaded until 2026-11-22. The extension's libgomp.so.1
+# resolves to the copy torch already loaded (same soname), so torch.set_num_threads governs our threads too.
+OPENMP_FLAGS = ["-fopenmp"]
 
 
 def isa_flags(source: str) -> list[str]:
@@ -73,14 +77,16 @@ if build_cuda():
         ["csrc/bindings.cpp"] + sources("csrc/cpu/*.cpp") + sources("csrc/cuda/*.cu"),
         include_dirs=[os.path.join(HERE, "csrc")],
         define_macros=[("SVDQ_WITH_CUDA", None)],
-        extra_compile_args={"cxx": COMMON_FLAGS, "nvcc": ["-O3", "-std=c++17"]},
+        extra_compile_args={"cxx": COMMON_FLAGS + OPENMP_FLAGS, "nvcc": ["-O3", "-std=c++17"]},
+        extra_link_args=OPENMP_FLAGS,
     )
 else:
     extension = CppExtension(
         "nunchaku_core._C",
         ["csrc/bindings.cpp"] + sources("csrc/cpu/*.cpp"),
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": COMMON_FLAGS},
+        extra_compile_args={"cxx": COMMON_FLAGS + OPENMP_FLAGS},
+        extra_link_args=OPENMP_FLAGS,
     )
 
 setup(ext_modules=[extension], cmdclass={"build_ext": IsaBuildExt.with_options(use_ninja=False)})

@@ -7,6 +7,9 @@ comfy.sd.load_diffusion_model_state_dict.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 
 import comfy.model_detection
@@ -60,6 +63,31 @@ def _nvfp4_backend(ck: FluxCheckpoint, device: torch.device) -> str | None:
     return "reference"
 
 
+def _storage_dtype(sd: dict, compute: torch.dtype, chosen_by_user: bool) -> tuple[torch.dtype, torch.dtype | None]:
+    """(dtype the unquantized weights are stored in, manual-cast compute dtype or None). When ComfyUI computes in
+    a wider float than the file holds (fp32 on the CPU for a bf16 file), keep the file's dtype and let ComfyUI's
+    manual_cast widen each weight per call: the widening is exact, so the outputs are the same bits as with
+    weights widened at load, and the unquantized layers (49 M values, 0.09 GiB in bf16, in bench/bench_e2e.py's
+    FLUX-width model) take half the memory."""
+    plain = _plain_dtype(sd)
+    if not chosen_by_user and compute == torch.float32 and plain in (torch.bfloat16, torch.float16):
+        return plain, torch.float32
+    return compute, None
+
+
+def _release_freed_heap() -> None:
+    """Give the pages that loading freed back to the OS. Loading reads every layer, unpacks its codes to one
+    byte each and repacks them (nunchaku_core.linear); glibc keeps the freed blocks in its heap (its mmap
+    threshold rises to the largest freed block, up to 32 MiB), so they stayed resident: 0.15 GiB of the
+    0.56 GiB bench/bench_e2e.py's FLUX-width 1+1-block model added to the process, 0.41 GiB after the trim
+    (measured 2026-11-22). No-op where the C library has no malloc_trim."""
+    gc.collect()   # tensors of the load that only reference cycles still hold
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def load_svdquant_flux(path: str, dtype: torch.dtype | None = None) -> SVDQuantModelPatcher:
     ck = load_flux_checkpoint(path)
     sd = ck.state_dict
@@ -73,10 +101,13 @@ def load_svdquant_flux(path: str, dtype: torch.dtype | None = None) -> SVDQuantM
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     supported = list(model_config.supported_inference_dtypes)
+    chosen_by_user = dtype is not None
     if dtype is None:
         dtype = comfy.model_management.unet_dtype(model_params=_param_count(sd), supported_dtypes=supported,
                                                   weight_dtype=_plain_dtype(sd))
     manual_cast_dtype = comfy.model_management.unet_manual_cast(dtype, load_device, supported)
+    if manual_cast_dtype is None:
+        dtype, manual_cast_dtype = _storage_dtype(sd, dtype, chosen_by_user)
     model_config.set_inference_dtype(dtype, manual_cast_dtype)
     model_config.custom_operations = operations_for(manual_cast_dtype)
 
@@ -90,6 +121,8 @@ def load_svdquant_flux(path: str, dtype: torch.dtype | None = None) -> SVDQuantM
     model.load_model_weights(sd, "")
     if load_device == offload_device:
         pack_for_device(model.diffusion_model, load_device, manual_cast_dtype or dtype)
+    sd = ck.state_dict = {}   # the model holds the checkpoint's tensors now; drop the dict's references first
+    _release_freed_heap()
     log.info("SVDQuant: loaded %s (%s, %s, %s layout) as %s, hidden %d, %d+%d blocks", path, ck.precision,
              "guidance" if ck.model_config["guidance_embed"] else "no guidance", ck.layout,
              type(model_config).__name__, ck.model_config["hidden_size"], ck.model_config["depth"],

@@ -32,6 +32,14 @@ def test_auto_picks_compiled_cpu_kernel_and_best_isa(caplog):
     assert sum("CPU kernels use" in r.message for r in caplog.records) == 1  # logged once
 
 
+def test_extension_is_built_with_openmp():
+    """csrc/bindings.cpp splits work with at::parallel_for, a header template that runs the whole range on the
+    calling thread unless the file is compiled with -fopenmp; the kernels ran single-threaded that way until
+    setup.py passed it. An OpenMP build calls libgomp's GOMP_parallel, so the symbol is in the extension."""
+    with open(backend._C.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read(), f"{backend._C.__file__}: built without -fopenmp; rebuild with setup.py"
+
+
 def test_argument_beats_environment(monkeypatch):
     monkeypatch.setenv("SVDQ_BACKEND", "reference")
     assert backend.resolve_backend("cpu") == "reference"

@@ -39,7 +39,7 @@ static inline int32_t load_i32(const int8_t* p) {
 }
 
 template <bool kNvfp4, int MR, int NV>
-static inline void micro_kernel(const W4A4Args& a, int64_t m0, int64_t nb0) {
+static inline void micro_kernel(const W4A4Args& a, int64_t m0, int64_t nb0, const uint8_t* pf_l2) {
     constexpr int G = kNvfp4 ? kGroupNvfp4 : kGroupInt4;
     constexpr int kSteps = G / kStepK;  // 64-byte chunks per group and column block
     const int64_t K = a.K, groups = K / G, block_bytes = (K / kStepK) * kChunkBytes;
@@ -73,6 +73,8 @@ static inline void micro_kernel(const W4A4Args& a, int64_t m0, int64_t nb0) {
 #pragma GCC unroll 8
         for (int s = 0; s < kSteps; ++s) {
             const int64_t k = g * G + s * kStepK;
+            // One line per chunk of another column block into L2 (pf_l2: the next tile's, see gemm_tiles).
+            if (pf_l2 != nullptr) _mm_prefetch(reinterpret_cast<const char*>(pf_l2 + (k / kStepK) * kChunkBytes), _MM_HINT_T1);
             for (int v = 0; v < NV; ++v) {
                 const __m512i raw = _mm512_loadu_si512(wp[v] + (k / kStepK) * kChunkBytes);
                 _mm_prefetch(reinterpret_cast<const char*>(wp[v] + (k / kStepK + kPrefetchChunks) * kChunkBytes), _MM_HINT_T0);
@@ -125,35 +127,46 @@ static inline void micro_kernel(const W4A4Args& a, int64_t m0, int64_t nb0) {
     }
 }
 
+// pf[0], pf[1]: column blocks to pull into L2 meanwhile (or null), one per micro-kernel call.
 template <bool kNvfp4, int MR>
-static inline void rows_kernel(const W4A4Args& a, int64_t m0, int64_t nb0, int64_t nblocks) {
+static inline void rows_kernel(const W4A4Args& a, int64_t m0, int64_t nb0, int64_t nblocks, const uint8_t* const* pf) {
     switch (nblocks) {
-        case 1: micro_kernel<kNvfp4, MR, 1>(a, m0, nb0); break;
-        case 2: micro_kernel<kNvfp4, MR, 2>(a, m0, nb0); break;
+        case 1: micro_kernel<kNvfp4, MR, 1>(a, m0, nb0, pf[0]); break;
+        case 2: micro_kernel<kNvfp4, MR, 2>(a, m0, nb0, pf[0]); break;
         case 3:
-            micro_kernel<kNvfp4, MR, 2>(a, m0, nb0);
-            micro_kernel<kNvfp4, MR, 1>(a, m0, nb0 + 2);
+            micro_kernel<kNvfp4, MR, 2>(a, m0, nb0, pf[0]);
+            micro_kernel<kNvfp4, MR, 1>(a, m0, nb0 + 2, pf[1]);
             break;
         default:
-            micro_kernel<kNvfp4, MR, 2>(a, m0, nb0);
-            micro_kernel<kNvfp4, MR, 2>(a, m0, nb0 + 2);
+            micro_kernel<kNvfp4, MR, 2>(a, m0, nb0, pf[0]);
+            micro_kernel<kNvfp4, MR, 2>(a, m0, nb0 + 2, pf[1]);
             break;
     }
 }
 
+// Tiles [tile_begin, tile_end) in order. Only a tile's first micro-row reads its weights from L3 or memory (the
+// later ones hit L2), so at small M the weight stream and the compute took turns: the second and third micro-rows
+// now pull the next tile's four column blocks into L2 (one line per chunk, prefetcht1), overlapping the two.
 template <bool kNvfp4>
 void gemm_tiles(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
     const TilePlan plan = tile_plan(a.M, a.N, a.K);
-    const int64_t NB = ceil_div(a.N, kBlockN);
+    const int64_t NB = ceil_div(a.N, kBlockN), block_bytes = (a.K / kStepK) * kChunkBytes;
     for (int64_t t = tile_begin; t < tile_end; ++t) {
         const int64_t m0 = (t / plan.tiles_n) * plan.rows, m1 = min_i64(a.M, m0 + plan.rows);
         const int64_t nb0 = (t % plan.tiles_n) * kTileBlocks, nblocks = min_i64(kTileBlocks, NB - nb0);
-        for (int64_t m = m0; m < m1; m += kMR) {
+        const uint8_t* next[kTileBlocks] = {};
+        if (t + 1 < tile_end) {
+            const int64_t nn = ((t + 1) % plan.tiles_n) * kTileBlocks;
+            for (int v = 0; v < kTileBlocks; ++v) next[v] = nn + v < NB ? a.wcodes + (nn + v) * block_bytes : nullptr;
+        }
+        const uint8_t* none[2] = {nullptr, nullptr};
+        for (int64_t m = m0, j = 0; m < m1; m += kMR, ++j) {
+            const uint8_t* const* pf = j == 1 ? next : j == 2 ? next + 2 : none;
             switch (min_i64(kMR, m1 - m)) {
-                case 1: rows_kernel<kNvfp4, 1>(a, m, nb0, nblocks); break;
-                case 2: rows_kernel<kNvfp4, 2>(a, m, nb0, nblocks); break;
-                case 3: rows_kernel<kNvfp4, 3>(a, m, nb0, nblocks); break;
-                default: rows_kernel<kNvfp4, 4>(a, m, nb0, nblocks); break;
+                case 1: rows_kernel<kNvfp4, 1>(a, m, nb0, nblocks, pf); break;
+                case 2: rows_kernel<kNvfp4, 2>(a, m, nb0, nblocks, pf); break;
+                case 3: rows_kernel<kNvfp4, 3>(a, m, nb0, nblocks, pf); break;
+                default: rows_kernel<kNvfp4, 4>(a, m, nb0, nblocks, pf); break;
             }
         }
     }
