@@ -1,6 +1,6 @@
 """Sampling with a rank-16 LoRA vs without, on the FLUX-width model, through a real ComfyUI.
 
-    .venv/bin/python bench/bench_lora.py [--size 256] [--steps 1,5] [--lora-rank 16]
+    .venv/bin/python bench/bench_lora.py [--size 256] [--steps 1,5] [--repeats 5] [--lora-rank 16]
 
 Model: the demo's random FLUX-width model (hidden 3072, 1 double + 1 single block), INT4 rank 32 through our
 loader. LoRA: rank 16 on every Linear of the blocks (kohya keys; attention, MLP and modulation), through ComfyUI's
@@ -8,11 +8,11 @@ stock LoraLoaderModelOnly. What a LoRA should cost is what its extra rank costs,
 model quantized at rank 32 + 16 = 48 with no LoRA (same 4-bit work, a rank-48 branch). Also ComfyUI's default
 path (the unquantized model, stock LoRA merge) for comparison.
 
-Per configuration, on one warm server: a first 1-step prompt (loads the model, applies the LoRA), then --repeats
-pairs of 1-step and N-step prompts that reuse the loaded, patched model; per-step time is the median of their
-difference / (N − 1). Then a strength change (a new LoraLoader output on the same file). "LoRA joins s": the time
-our ModelPatcher spent joining the LoRA into the quantized layers at each load, from the server log (the first
-load, then the strength change).
+All configurations on one server, interleaved round by round (machine load drifts hit them alike). Per
+configuration and round: a warm-up 1-step prompt (switches the model in, joins its LoRA), then a 1-step and a
+5-step prompt; per-step time = (median 5-step − median 1-step KSampler time) / 4. Then a strength change (a new
+LoraLoader output on the same file). "LoRA joins": what our ModelPatcher logged at each load (layers rebuilt,
+layers reused, seconds), from the server log.
 """
 from __future__ import annotations
 
@@ -46,26 +46,36 @@ def with_lora(g: dict, lora: str | None, strength: float) -> dict:
 
 def ksampler_time(srv, g) -> float:
     times, _ = asyncio.run(demo.run_graph(srv.url, g, on_node=lambda node: setattr(srv, "node", node)))
-    return times.get("4", 0.0) + times.get("20", 0.0)
+    return times.get("4", 0.0)
 
 
-def measure(comfy: Path, work: Path, loader: dict, lora: str | None, size: int, steps: tuple[int, int],
-            repeats: int) -> dict:
+def measure(comfy: Path, work: Path, configs: list, size: int, steps: tuple[int, int], repeats: int) -> dict:
+    """All configurations on one server, round-robin (each round: every configuration once), so a change of
+    machine load hits them alike. Per configuration and round: a warm-up 1-step prompt (switches the model in,
+    joins its LoRA), then a short and a long prompt; per-step time = (median long − median short) / (difference
+    in steps)."""
     s1, s2 = steps
-    seed = iter(range(1, 1000))
+    seed = iter(range(1, 100000))
+    short, long_ = ({label: [] for label, _, _ in configs} for _ in range(2))
     with demo.Server(comfy, work, demo.free_port()) as srv:
-        run = lambda n, strength=1.0: ksampler_time(  # noqa: E731
-            srv, with_lora(demo.graph(loader, size, n, next(seed), "b"), lora, strength))
-        run(s1)                                           # load the model and apply the LoRA
-        per_step = []
-        for _ in range(repeats):
-            one, many = run(s1), run(s2)
-            per_step.append((many - one) / (s2 - s1))
-        if lora is not None:
-            run(s1, 0.5)                                  # a strength change: the LoRA is joined again
-        joins = [float(m) for m in re.findall(r"SVDQuant LoRA: \d+ quantized Linears rebuilt, \d+ reused, in "
-                                               r"([0-9.]+) s", srv.log_path.read_text())]
-        return {"per_step": statistics.median(per_step), "spread": (min(per_step), max(per_step)), "joins": joins}
+        def run(loader, lora, n, strength=1.0):
+            return ksampler_time(srv, with_lora(demo.graph(loader, size, n, next(seed), "b"), lora, strength))
+
+        for r in range(repeats):
+            for label, loader, lora in configs:
+                run(loader, lora, 1)
+                short[label].append(run(loader, lora, s1))
+                long_[label].append(run(loader, lora, s2))
+            print(f"round {r + 1}/{repeats}: " + ", ".join(
+                f"{k} {(long_[k][-1] - short[k][-1]) / (s2 - s1):.3f}" for k in short), flush=True)
+        lora_cfg = next(c for c in configs if c[2] is not None)
+        run(lora_cfg[1], lora_cfg[2], 1, 0.5)             # a strength change: the LoRA is joined again
+        joins = re.findall(r"SVDQuant LoRA: (\d+) quantized Linears rebuilt, (\d+) reused, in ([0-9.]+) s",
+                           srv.log_path.read_text())
+    per_round = {k: [(b - a) / (s2 - s1) for a, b in zip(short[k], long_[k])] for k in short}
+    return {"per_step": {k: (statistics.median(long_[k]) - statistics.median(short[k])) / (s2 - s1) for k in short},
+            "spread": {k: (min(v), max(v)) for k, v in per_round.items()},
+            "joins": [(int(a), int(b), float(c)) for a, b, c in joins]}
 
 
 def main():
@@ -73,13 +83,13 @@ def main():
     ap.add_argument("--comfyui", default=os.environ.get("SVDQ_COMFYUI", str(REPO / ".comfyui" / "ComfyUI")))
     ap.add_argument("--work", default=str(REPO / "out" / "bench_e2e"))
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", default="1,5")
+    ap.add_argument("--steps", default="1,5", help="short,long step counts; per step = their time difference")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--skip-default", action="store_true", help="skip ComfyUI's default path (unquantized)")
-    ap.add_argument("--repeats", type=int, default=3, help="per-step measurements per configuration (median)")
+    ap.add_argument("--repeats", type=int, default=5, help="per-step measurements per configuration (median)")
     a = ap.parse_args()
     comfy, work = Path(a.comfyui).resolve(), Path(a.work).resolve()
-    steps = tuple(int(s) for s in a.steps.split(","))
+    steps = tuple(int(x) for x in a.steps.split(","))
     original, q32 = demo.make_models(work / "models", 32)
     _, q48 = demo.make_models(work / "models", 32 + a.lora_rank)
     loras = work / "models" / "loras"
@@ -96,20 +106,25 @@ def main():
                (f"int4 r{32 + a.lora_rank}", ours(q48), None)]
     if not a.skip_default:
         configs += [("default (unquantized)", stock, None), (f"default + LoRA r{a.lora_rank}", stock, lora)]
-    rows = {}
-    for label, loader, lr in configs:
-        t = time.monotonic()
-        rows[label] = measure(comfy, work, loader, lr, a.size, steps, a.repeats)
-        print(f"measured {label} in {time.monotonic() - t:.0f} s", flush=True)
-    print(f"\nFLUX-width model (hidden 3072, 1 double + 1 single block), {a.size}x{a.size}, euler, CPU; per step from "
-          f"{steps[0]} vs {steps[1]} steps; one run")
-    print(f"{'':<26} {'s/step (median)':>15} {'min..max':>14} {'LoRA joins s':>14}")
-    for label, r in rows.items():
-        joins = ", ".join(f"{j:.3f}" for j in r["joins"]) if r["joins"] else "-"
-        print(f"{label:<26} {r['per_step']:>15.3f} {r['spread'][0]:>6.3f}..{r['spread'][1]:<6.3f} {joins:>14}")
-    base, lo, r48 = rows["int4 r32"], rows[f"int4 r32 + LoRA r{a.lora_rank}"], rows[f"int4 r{32 + a.lora_rank}"]
-    print(f"LoRA cost per step: {lo['per_step'] / base['per_step']:.3f}x of no LoRA; a rank-{32 + a.lora_rank} model "
-          f"without LoRA: {r48['per_step'] / base['per_step']:.3f}x (what the extra rank implies)")
+    t = time.monotonic()
+    res = measure(comfy, work, configs, a.size, steps, a.repeats)
+    print(f"measured in {time.monotonic() - t:.0f} s")
+    print(f"\nFLUX-width model (hidden 3072, 1 double + 1 single block), {a.size}x{a.size}, euler, CPU; per step: (median "
+          f"{steps[1]}-step − median {steps[0]}-step KSampler time) / {steps[1] - steps[0]} over {a.repeats} rounds "
+          f"(configurations interleaved on one server); min..max: the same per round")
+    print(f"{'':<26} {'s/step':>8} {'min..max':>14} {'vs int4 r32':>12}")
+    base = res["per_step"]["int4 r32"]
+    for label, v in res["per_step"].items():
+        lo, hi = res["spread"][label]
+        print(f"{label:<26} {v:>8.3f} {lo:>6.3f}..{hi:<6.3f} {v / base:>11.3f}x")
+    lo = res["per_step"][f"int4 r32 + LoRA r{a.lora_rank}"]
+    r48 = res["per_step"][f"int4 r{32 + a.lora_rank}"]
+    print(f"LoRA cost per step: {lo / base:.3f}x of no LoRA; a rank-{32 + a.lora_rank} model without LoRA: "
+          f"{r48 / base:.3f}x (what the extra rank implies)")
+    j = res["joins"]
+    if j:
+        print(f"LoRA joins (rebuilt, reused, s): first load {j[0]}, later loads {j[1:-1] if len(j) > 2 else '-'}, "
+              f"after the strength change {j[-1]}")
 
 
 if __name__ == "__main__":
