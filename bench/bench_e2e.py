@@ -12,10 +12,8 @@ Reuses scripts/demo.py's model builder, server wrapper and graph.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,10 +43,7 @@ def measure(comfy: Path, work: Path, loader: dict, size: int, steps: tuple[int, 
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--comfyui", default=os.environ.get("SVDQ_COMFYUI", str(REPO / ".comfyui" / "ComfyUI")))
-    ap.add_argument("--work", default=str(REPO / "out" / "bench_e2e"))
-    ap.add_argument("--size", type=int, default=256)
+    ap = demo.argument_parser(__doc__, "bench_e2e")
     ap.add_argument("--steps", default="1,5", help="two step counts; the per-step time is their difference")
     ap.add_argument("--rank", type=int, default=32)
     a = ap.parse_args()

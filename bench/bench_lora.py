@@ -16,10 +16,8 @@ layers reused, seconds), from the server log.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib.util
-import os
 import re
 import statistics
 import sys
@@ -79,10 +77,7 @@ def measure(comfy: Path, work: Path, configs: list, size: int, steps: tuple[int,
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--comfyui", default=os.environ.get("SVDQ_COMFYUI", str(REPO / ".comfyui" / "ComfyUI")))
-    ap.add_argument("--work", default=str(REPO / "out" / "bench_e2e"))
-    ap.add_argument("--size", type=int, default=256)
+    ap = demo.argument_parser(__doc__, "bench_e2e")
     ap.add_argument("--steps", default="1,5", help="short,long step counts; per step = their time difference")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--skip-default", action="store_true", help="skip ComfyUI's default path (unquantized)")

@@ -33,26 +33,11 @@ PROMPT = "a red fox in a snowy birch forest at golden hour, photograph, shallow 
 
 
 def write_clip_l(path: Path) -> None:
-    """Random CLIP-L text model, fp16, HF names (as clip_l.safetensors); std 0.02."""
-    import torch
+    """Random CLIP-L text model, fp16, HF names (as clip_l.safetensors): tests/flux_models.py's."""
     from safetensors.torch import save_file
-    g = torch.Generator().manual_seed(0)
-    D, F = 768, 3072
-    shapes = {"text_model.embeddings.token_embedding.weight": (49408, D),
-              "text_model.embeddings.position_embedding.weight": (77, D),
-              "text_model.final_layer_norm.weight": (D,), "text_model.final_layer_norm.bias": (D,),
-              "text_projection.weight": (D, D)}
-    for i in range(12):
-        p = f"text_model.encoder.layers.{i}"
-        for n, s in (("self_attn.q_proj", (D, D)), ("self_attn.k_proj", (D, D)), ("self_attn.v_proj", (D, D)),
-                     ("self_attn.out_proj", (D, D)), ("mlp.fc1", (F, D)), ("mlp.fc2", (D, F))):
-            shapes.update({f"{p}.{n}.weight": s, f"{p}.{n}.bias": (s[0],)})
-        for n in ("layer_norm1", "layer_norm2"):
-            shapes.update({f"{p}.{n}.weight": (D,), f"{p}.{n}.bias": (D,)})
-    sd = {k: (torch.ones(s) if "norm" in k and k.endswith("weight") else
-              torch.zeros(s) if k.endswith("bias") else torch.randn(s, generator=g) * 0.02).half()
-          for k, s in shapes.items()}
-    save_file(sd, str(path))
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]
+    import flux_models
+    save_file(flux_models.clip_l_state_dict(), str(path))
 
 
 def write_t5_int4(path: Path) -> None:

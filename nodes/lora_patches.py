@@ -39,7 +39,7 @@ import torch
 
 from nunchaku_core import cpu_packing, reference
 from nunchaku_core.linear import SVDQuantLinear
-from nunchaku_core.lora import LowRankDelta, compress_to_lowrank
+from nunchaku_core.lora import LowRankDelta, compress_to_lowrank, split_cols, split_rows
 
 log = logging.getLogger("SVDQuant")
 
@@ -161,6 +161,13 @@ def _dense_term(patch, weight: torch.Tensor, key: str, energy: float, max_rank: 
     return Term(down, up, 1.0), patched
 
 
+def _effective_bias(m) -> torch.Tensor:
+    """A part's bias as the layer output sees it, fp32 [N] (shifted SVDQuant layers: reference.effective_bias)."""
+    if isinstance(m, SVDQuantLinear):
+        return reference.effective_bias(m.layer).float().cpu()
+    return m.bias.float().cpu() if m.bias is not None else torch.zeros(m.out_features)
+
+
 def _bias_delta(patches, parts, split: str, key: str) -> Optional[torch.Tensor]:
     """The change of the Linear's effective bias from its bias patches, fp32 [N], or None."""
     if not patches:
@@ -174,17 +181,8 @@ def _bias_delta(patches, parts, split: str, key: str) -> Optional[torch.Tensor]:
             diff = p[1][0] if len(p[1]) == 1 else p[1][1][0]
             total += float(p[0]) * diff.float().cpu()
         return total
-    biases = []
-    for m in parts if split == "out" else parts[:1]:
-        if isinstance(m, SVDQuantLinear):
-            biases.append(reference.effective_bias(m.layer).float().cpu())
-        else:
-            biases.append(m.bias.float().cpu() if m.bias is not None else torch.zeros(m.out_features))
-    if split == "in":
-        for m in parts[1:]:
-            biases[0] = biases[0] + (reference.effective_bias(m.layer) if isinstance(m, SVDQuantLinear) else
-                                     (m.bias if m.bias is not None else torch.zeros(m.out_features))).float().cpu()
-    b = torch.cat(biases)
+    biases = [_effective_bias(m) for m in parts]
+    b = torch.cat(biases) if split == "out" else torch.stack(biases).sum(dim=0)   # "in": the parts' outputs add
     return comfy.lora.calculate_weight(list(patches), b.clone(), key) - b
 
 
@@ -261,23 +259,20 @@ def build_lora_parts(module, weight_patches, bias_patches, key: str, cache: Dens
 
 
 def _split_over_parts(parts, split: str, terms: list, db: Optional[torch.Tensor]) -> list:
+    """The Linear's terms and bias change cut over its parts (nunchaku_core.lora.split_rows / split_cols), each
+    part joined with its share; parts nothing reaches stay the very same modules."""
+    sizes = [(j, m.in_features if split == "in" else m.out_features) for j, m in enumerate(parts)]
+    cut = split_cols if split == "in" else split_rows
+    shares = [cut(t.down, t.up, sizes) for t in terms]
     out, start = [], 0
     for j, m in enumerate(parts):
-        n = m.in_features if split == "in" else m.out_features
-        downs, ups, scales = [], [], []
-        for t in terms:
-            d, u = (t.down[start:start + n], t.up) if split == "in" else (t.down, t.up[start:start + n])
-            keep = ((d != 0).any(dim=0) & (u != 0).any(dim=0)).nonzero().flatten()
-            if keep.numel():
-                downs.append(d[:, keep])
-                ups.append(u[:, keep])
-                scales.append(t.scale)
+        mine = [(*s[j], t.scale) for s, t in zip(shares, terms) if s[j][0].shape[1]]
+        downs, ups, scales = (list(x) for x in zip(*mine)) if mine else ([], [], [])
         bias = m.bias
         if db is not None and (split == "out" or j == 0):
-            part_db = db[start:start + n] if split == "out" else db
-            bias = (bias.float().cpu() if bias is not None else torch.zeros(m.out_features)) + part_db
-            bias = bias.to(m.device)
-        start += n
+            part_db = db[start:start + sizes[j][1]] if split == "out" else db
+            bias = ((bias.float().cpu() if bias is not None else torch.zeros(m.out_features)) + part_db).to(m.device)
+        start += sizes[j][1]
         if not downs and bias is m.bias:
             out.append(m)
         elif isinstance(m, SVDQuantLinear):

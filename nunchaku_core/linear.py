@@ -111,14 +111,10 @@ class SVDQuantLinear(_PackedLinear):
         which is left untouched (dropping the new module restores the original exactly). Only the branch and the
         bias are repacked: O((N + K)·R)."""
         layer = dataclasses.replace(self._layer, proj_down=proj_down, proj_up=proj_up, bias=bias).validate()
-        p = self._packed
         packed = None
-        if p is not None:
-            if p.layer is not self._layer:        # a stale pack (layer swapped since): pack afresh at first use
-                packed = None
-            else:
-                packed = _backend.repack_lowrank(p, layer, self.backend)
-                layer = packed.layer
+        if self._packed is not None:   # not yet packed (a GPU layer before its first call): packs at first use
+            packed = _backend.repack_lowrank(self._packed, layer, self.backend)
+            layer = packed.layer
         return self._sibling(layer, packed)
 
 
@@ -148,10 +144,9 @@ class W4A16Linear(_PackedLinear):
         if delta is not None:
             delta.check_layer(self._layer, "W4A16Linear.with_delta")
         layer = dataclasses.replace(self._layer, bias=bias).validate()
-        p = self._packed
         packed = None
-        if p is not None and p.layer is self._layer:
-            packed = _backend.repack_bias(p, layer)
+        if self._packed is not None:
+            packed = _backend.repack_bias(self._packed, layer)
             layer = packed.layer
         m = self._sibling(layer, packed)
         m.delta = delta

@@ -96,6 +96,24 @@ def _nonzero_columns(t: torch.Tensor) -> torch.Tensor:
     return (t != 0).any(dim=0).nonzero().flatten()
 
 
+def _split(down: torch.Tensor, up: torch.Tensor, sizes: Sequence[tuple[str, int]], along: str) -> dict:
+    """Cut a LoRA into consecutive slices of up's rows (along="rows") or down's rows (along="cols", the layer's
+    input columns); the other factor is shared. Rank columns whose sliced factor is all zero are dropped."""
+    sliced = up if along == "rows" else down
+    total = sum(n for _, n in sizes)
+    if sliced.shape[0] != total or down.shape[1] != up.shape[1]:
+        what, label = ("up", "rows") if along == "rows" else ("down", "columns")
+        raise ValueError(f"split_{along}: up {list(up.shape)} / down {list(down.shape)}, expected {what} [{total}, r] "
+                         f"({label} {dict(sizes)}) and the same r in both")
+    out, start = {}, 0
+    for name, n in sizes:
+        part = sliced[start:start + n]
+        keep = _nonzero_columns(part)
+        out[name] = (down[:, keep], part[:, keep]) if along == "rows" else (part[:, keep], up[:, keep])
+        start += n
+    return out
+
+
 def split_rows(down: torch.Tensor, up: torch.Tensor, sizes: Sequence[tuple[str, int]]) -> dict:
     """A LoRA on a layer whose output rows are the concatenation of several layers' -> one LoRA per layer.
 
@@ -103,17 +121,7 @@ def split_rows(down: torch.Tensor, up: torch.Tensor, sizes: Sequence[tuple[str, 
     slice of up; rank columns whose up slice is all zero (a LoRA made by lora_for_rows for another slice) are
     dropped, so q/k/v LoRAs do not widen mlp_fc1's branch. Returns {name: (down [K, r'], up [rows, r'])}.
     """
-    total = sum(n for _, n in sizes)
-    if up.shape[0] != total or down.shape[1] != up.shape[1]:
-        raise ValueError(f"split_rows: up {list(up.shape)} / down {list(down.shape)}, expected up [{total}, r] "
-                         f"(rows {dict(sizes)}) and down [K, r]")
-    out, start = {}, 0
-    for name, n in sizes:
-        u = up[start:start + n]
-        keep = _nonzero_columns(u)
-        out[name] = (down[:, keep], u[:, keep])
-        start += n
-    return out
+    return _split(down, up, sizes, "rows")
 
 
 def split_cols(down: torch.Tensor, up: torch.Tensor, sizes: Sequence[tuple[str, int]]) -> dict:
@@ -121,17 +129,7 @@ def split_cols(down: torch.Tensor, up: torch.Tensor, sizes: Sequence[tuple[str, 
     is their sum) -> one LoRA per layer: each gets its slice of down's rows and the shared up. The bias is not
     part of a LoRA. down [Σ size, r], up [N, r]; rank columns whose down slice is all zero are dropped.
     Returns {name: (down [size, r'], up [N, r'])}."""
-    total = sum(n for _, n in sizes)
-    if down.shape[0] != total or down.shape[1] != up.shape[1]:
-        raise ValueError(f"split_cols: down {list(down.shape)} / up {list(up.shape)}, expected down [{total}, r] "
-                         f"(columns {dict(sizes)}) and up [N, r]")
-    out, start = {}, 0
-    for name, n in sizes:
-        d = down[start:start + n]
-        keep = _nonzero_columns(d)
-        out[name] = (d[:, keep], up[:, keep])
-        start += n
-    return out
+    return _split(down, up, sizes, "cols")
 
 
 def split_rows_for_linear1(down: torch.Tensor, up: torch.Tensor, D: int) -> dict:

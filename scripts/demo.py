@@ -36,12 +36,18 @@ GB = 2**30
 MB = 2**20
 
 
-def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def argument_parser(description: str, work: str) -> argparse.ArgumentParser:
+    """The options the demo and the end-to-end benchmarks share: --comfyui, --work (default out/<work>), --size."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--comfyui", default=os.environ.get("SVDQ_COMFYUI", str(REPO / ".comfyui" / "ComfyUI")),
                     help="ComfyUI folder (default $SVDQ_COMFYUI or <repo>/.comfyui/ComfyUI)")
-    ap.add_argument("--work", default=str(REPO / "out" / "demo"), help="models, images and logs go here")
+    ap.add_argument("--work", default=str(REPO / "out" / work), help="models, images and logs go here")
     ap.add_argument("--size", type=int, default=256, help="image width and height")
+    return ap
+
+
+def parse_args():
+    ap = argument_parser(__doc__, "demo")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--rank", type=int, default=32, help="low-rank branch rank R for the quantizer")

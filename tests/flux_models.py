@@ -1,5 +1,5 @@
-"""Random-weight models for tests: BFL (ComfyUI) FLUX.1 state dicts of any width, TAEF1 VAE weights, and
-ComfyUI-native svdquant_w4a4 FLUX files. Weights are N(0, std) (biases 0, norm scales 1): images are noise,
+"""Random-weight models for tests: BFL (ComfyUI) FLUX.1 state dicts of any width, TAEF1 VAE weights,
+ComfyUI-native svdquant_w4a4 FLUX files and a real-shaped CLIP-L text model. Weights are N(0, std) (biases 0, norm scales 1): images are noise,
 which is all a loader test needs. Only torch + safetensors + nunchaku_core."""
 from __future__ import annotations
 
@@ -221,3 +221,28 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 255.0) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
 
 
+def clip_l_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """CLIP-L text model (HF names, as clip_l.safetensors), random fp16; std 0.02 like CLIP's init."""
+    g = torch.Generator().manual_seed(seed)
+    D, F = 768, 3072
+    shapes = {"text_model.embeddings.token_embedding.weight": (49408, D),
+              "text_model.embeddings.position_embedding.weight": (77, D),
+              "text_model.final_layer_norm.weight": (D,), "text_model.final_layer_norm.bias": (D,),
+              "text_projection.weight": (D, D)}
+    for i in range(12):
+        p = f"text_model.encoder.layers.{i}"
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes.update({f"{p}.self_attn.{n}.weight": (D, D), f"{p}.self_attn.{n}.bias": (D,)})
+        shapes.update({f"{p}.mlp.fc1.weight": (F, D), f"{p}.mlp.fc1.bias": (F,), f"{p}.mlp.fc2.weight": (D, F),
+                       f"{p}.mlp.fc2.bias": (D,)})
+        for n in ("layer_norm1", "layer_norm2"):
+            shapes.update({f"{p}.{n}.weight": (D,), f"{p}.{n}.bias": (D,)})
+    sd = {}
+    for k, s in shapes.items():
+        if "layer_norm" in k and k.endswith("weight"):
+            sd[k] = torch.ones(s, dtype=torch.float16)
+        elif k.endswith("bias"):
+            sd[k] = torch.zeros(s, dtype=torch.float16)
+        else:
+            sd[k] = (torch.randn(s, generator=g) * 0.02).half()
+    return sd

@@ -79,8 +79,7 @@ def _quantized(patcher, nodes) -> dict:
 
 
 def _inputs(m, g, M=5):
-    x = torch.randn(M, m.in_features, generator=g)
-    return x
+    return torch.randn(M, m.in_features, generator=g)
 
 
 def _magnitude(m, x) -> torch.Tensor:

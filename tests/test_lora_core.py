@@ -324,16 +324,12 @@ def test_module_with_lora_shares_codes_and_matches_a_fresh_pack(backend, precisi
     assert torch.equal(base(x), y0)
     if backend == "cpu":
         assert ext._packed.kernel.wcodes is base._packed.kernel.wcodes       # codes shared, not repacked
-        ref = cpu_packing.pack_w4a4(dataclasses.replace(full, bias=bias))
+        fresh_pack = cpu_packing.pack_w4a4(dataclasses.replace(full, bias=bias))
         for name in ("proj_down", "proj_up", "bias"):
-            assert torch.equal(getattr(ext._packed.kernel, name), getattr(ref, name)), name
+            assert torch.equal(getattr(ext._packed.kernel, name), getattr(fresh_pack, name)), name
     # and against the reference forward of the extended layer (fp32 rounding of the branch only: loose check)
-    want = ref_linear_fp32(dataclasses.replace(full, bias=bias), x)
+    want = ref.svdquant_linear(x, dataclasses.replace(full, bias=bias)).float()
     assert (ext(x) - want).abs().max() <= 1e-3 * want.abs().max()
-
-
-def ref_linear_fp32(layer, x):
-    return ref.svdquant_linear(x, layer).float()
 
 
 @pytest.mark.parametrize("backend", _backends())

@@ -64,40 +64,13 @@ T5_LORA_STD = 0.3
 SAME_WEIGHTS_RTOL = 1e-4
 
 
-def clip_l_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """CLIP-L text model (HF names, as clip_l.safetensors), random fp16; std 0.02 like CLIP's init."""
-    g = torch.Generator().manual_seed(seed)
-    D, F = 768, 3072
-    shapes = {"text_model.embeddings.token_embedding.weight": (49408, D),
-              "text_model.embeddings.position_embedding.weight": (77, D),
-              "text_model.final_layer_norm.weight": (D,), "text_model.final_layer_norm.bias": (D,),
-              "text_projection.weight": (D, D)}
-    for i in range(12):
-        p = f"text_model.encoder.layers.{i}"
-        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes.update({f"{p}.self_attn.{n}.weight": (D, D), f"{p}.self_attn.{n}.bias": (D,)})
-        shapes.update({f"{p}.mlp.fc1.weight": (F, D), f"{p}.mlp.fc1.bias": (F,), f"{p}.mlp.fc2.weight": (D, F),
-                       f"{p}.mlp.fc2.bias": (D,)})
-        for n in ("layer_norm1", "layer_norm2"):
-            shapes.update({f"{p}.{n}.weight": (D,), f"{p}.{n}.bias": (D,)})
-    sd = {}
-    for k, s in shapes.items():
-        if "layer_norm" in k and k.endswith("weight"):
-            sd[k] = torch.ones(s, dtype=torch.float16)
-        elif k.endswith("bias"):
-            sd[k] = torch.zeros(s, dtype=torch.float16)
-        else:
-            sd[k] = (torch.randn(s, generator=g) * 0.02).half()
-    return sd
-
-
 @pytest.fixture(scope="module")
 def te_files(tmp_path_factory):
     """text_encoders/ with clip_l, t5_fp16 (plain, our format), t5_int4 (our quantizer) and bad inputs."""
     if not (COMFYUI / "comfy" / "text_encoders" / "t5_tokenizer" / "tokenizer.json").is_file():
         pytest.fail(f"no ComfyUI at {COMFYUI}: run scripts/setup_env.sh or set SVDQ_COMFYUI")
     d = tmp_path_factory.mktemp("text_encoders")
-    save_file(clip_l_state_dict(), str(d / "clip_l.safetensors"))
+    save_file(flux_models.clip_l_state_dict(), str(d / "clip_l.safetensors"))
     sd = random_t5(T5_TINY, seed=1)
     nt.write_t5(str(d / "t5_fp16.safetensors"), T5_TINY, sd, dtype=torch.bfloat16)
     ids = qt.tokenize(qt.DEFAULT_PROMPTS[:8], COMFYUI / "comfy/text_encoders/t5_tokenizer/tokenizer.json")
