@@ -116,6 +116,14 @@ void parallel_ranges(int64_t count, const F& fn) {
 // Activation quantization + low-rank down-projection
 // ------------------------------------------------------------------------------------------------------------
 
+// Quantizer rows per task: 4 at small M (both threads get work), 16 from 128 rows (the AVX-512 quantizer then
+// reads each chunk of D once per 16 rows; quantize_act_avx512vnni.cpp).
+template <typename F>
+void quantize_tasks(const QuantArgs& a, F fn) {
+    const int64_t rows = a.M >= 128 ? 4 * kRowsPerQuantTask : kRowsPerQuantTask;
+    parallel_ranges(ceil_div(a.M, rows), [&](int64_t b, int64_t e) { fn(a, b * rows, std::min(a.M, e * rows)); });
+}
+
 QuantArgs quant_args(const at::Tensor& x, const at::Tensor& smooth, const c10::optional<at::Tensor>& proj_down,
                      int64_t G, const char* op) {
     TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), op, ": x must be a 2-D cpu tensor [M, K], got ", x.sizes(),
@@ -169,9 +177,7 @@ std::vector<at::Tensor> quantize_act_int4_lowrank(const at::Tensor& x_in, const 
     auto fn = isa == Isa::kAvx512Vnni ? quantize_act_int4_avx512vnni
               : isa == Isa::kAvx2     ? quantize_act_int4_avx2
                                       : quantize_act_int4_ref;
-    parallel_ranges(ceil_div(a.M, kRowsPerQuantTask), [&](int64_t b, int64_t e) {
-        fn(a, b * kRowsPerQuantTask, std::min(a.M, e * kRowsPerQuantTask));
-    });
+    quantize_tasks(a, fn);
     return out;
 }
 
@@ -192,9 +198,7 @@ std::vector<at::Tensor> quantize_act_nvfp4_lowrank(const at::Tensor& x_in, const
     auto fn = isa == Isa::kAvx512Vnni ? quantize_act_nvfp4_avx512vnni
               : isa == Isa::kAvx2     ? quantize_act_nvfp4_avx2
                                       : quantize_act_nvfp4_ref;
-    parallel_ranges(ceil_div(a.M, kRowsPerQuantTask), [&](int64_t b, int64_t e) {
-        fn(a, b * kRowsPerQuantTask, std::min(a.M, e * kRowsPerQuantTask));
-    });
+    quantize_tasks(a, fn);
     return out;
 }
 
@@ -248,6 +252,8 @@ at::Tensor gemm_w4a4(bool nvfp4, const at::Tensor& act, const at::Tensor& ascale
     a.out_scale = opt_ptr(out_scale);
     a.out = out.data_ptr();
     a.out_dtype = to_dtype(out_dtype, op, "out_dtype");
+    static std::atomic<uint64_t> calls{0};
+    a.call = ++calls;
     if (M == 0) return out;
     auto fn = nvfp4 ? (isa == Isa::kAvx512Vnni ? gemm_w4a4_nvfp4_avx512vnni
                        : isa == Isa::kAvx2     ? gemm_w4a4_nvfp4_avx2
@@ -257,8 +263,10 @@ at::Tensor gemm_w4a4(bool nvfp4, const at::Tensor& act, const at::Tensor& ascale
                                                : gemm_w4a4_int4_ref);
     const TilePlan plan = tile_plan(M, N, K);
     const int64_t tiles = plan.tiles_m * plan.tiles_n;
-    parallel_ranges(ceil_div(tiles, kTilesPerTask), [&](int64_t b, int64_t e) {
-        fn(a, b * kTilesPerTask, std::min(tiles, e * kTilesPerTask));
+    // Many row blocks: a task is a whole row block (the AVX-512 kernel repacks a block's activations once per task).
+    const int64_t per_task = plan.tiles_m >= 4 ? plan.tiles_n : kTilesPerTask;
+    parallel_ranges(ceil_div(tiles, per_task), [&](int64_t b, int64_t e) {
+        fn(a, b * per_task, std::min(tiles, e * per_task));
     });
     return out;
 }

@@ -13,6 +13,7 @@ so that CI cannot pass with the kernels untested.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -250,6 +251,55 @@ def test_w4a4_bitwise_across_runs_and_threads():
         torch.set_num_threads(threads)
     for r in results[1:]:
         assert torch.equal(r.view(torch.int32), results[0].view(torch.int32))
+
+
+@pytest.mark.parametrize("precision,shifted", [("int4", False), ("int4", True), ("nvfp4", False)])
+def test_w4a4_many_row_blocks_agree_bitwise(precision, shifted):
+    """M large enough for several row blocks of tile_plan (K = 4096: 256 rows each, the last one partial), which
+    bindings.cpp hands out a row block per task and the AVX-512 kernel repacks per row block (Rows layout)."""
+    M, N, K = 1100, 40, 4096
+    layer = random_layer(precision, N, K, 32, shifted, seed=5)
+    p = cpu_packing.pack_w4a4(layer)
+    x = random_input(M, K, shifted, torch.bfloat16, seed=6)
+    q = quantize(x, p, "ref")
+    y0 = gemm(q, p, torch.float32, "ref")
+    for isa in ISAS[1:]:
+        y = gemm(q, p, torch.float32, isa)
+        assert torch.equal(y.view(torch.int32), y0.view(torch.int32)), isa
+
+
+def test_int4_gemm_paths_on_handmade_codes():
+    """The AVX-512 INT4 GEMM picks, per row block, the 16·a operand path (signed codes, every scale / 16 exact) or
+    the plain one (a code above 7, or a scale whose /16 is inexact). Hand-made codes force each case; every path
+    must give the reference GEMM's bits."""
+    N, K, R = 40, 256, 16
+    layer = random_layer("int4", N, K, R, seed=7)
+    p = cpu_packing.pack_w4a4(layer)
+    g = torch.Generator().manual_seed(8)
+    M, groups = 20, K // 64
+    lora = torch.randn(M, 16, generator=g)
+    cases = {
+        "signed": (torch.randint(-7, 8, (M, K), generator=g), torch.rand(M, groups, generator=g) + 0.1),
+        "unsigned codes": (torch.randint(0, 16, (M, K), generator=g), torch.rand(M, groups, generator=g) + 0.1),
+        "one code 8": (torch.randint(-7, 8, (M, K), generator=g), torch.rand(M, groups, generator=g) + 0.1),
+        "code -8": (torch.randint(-8, 8, (M, K), generator=g), torch.rand(M, groups, generator=g) + 0.1),
+        "subnormal scale": (torch.randint(-7, 8, (M, K), generator=g), torch.rand(M, groups, generator=g) + 0.1),
+    }
+    cases["one code 8"][0][5, 77] = 8
+    # Row 3: every scale subnormal with low mantissa bits set, whose / 16 loses them (the plain path must be taken);
+    # no low-rank input and no bias for that row's outputs to hide the difference in.
+    cases["subnormal scale"][1][3] = torch.tensor([3.0e-39, 1.1e-39, 7.7e-40, 2.9e-39])
+    cases["subnormal scale"][1][4, 2] = 0.0
+    lora[3] = 0.0
+    p = dataclasses.replace(p, bias=None)
+    for name, (codes, ascale) in cases.items():
+        act = codes.to(torch.int8).contiguous()
+        acorr = (-8 * act.view(M, groups, 64).sum(-1, dtype=torch.int32)).contiguous()
+        q = (act, ascale.float().contiguous(), acorr, lora)
+        y0 = gemm(q, p, torch.float32, "ref")
+        for isa in ISAS[1:]:
+            y = gemm(q, p, torch.float32, isa)
+            assert torch.equal(y.view(torch.int32), y0.view(torch.int32)), (name, isa)
 
 
 # ---------------------------------------------------------------------------------------------------------------

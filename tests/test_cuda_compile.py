@@ -40,3 +40,31 @@ def test_missing_nvcc_is_an_error_not_a_skip():
     proc = _run({"NVCC": "/nonexistent/nvcc"}, timeout=60)
     assert proc.returncode == 2
     assert "nvcc not found" in proc.stderr and "/nonexistent/nvcc" in proc.stderr
+
+
+def _cuda_include() -> Path:
+    """The CUDA toolkit's include directory (cuda_runtime_api.h), from CUDA_HOME or the nvcc on PATH."""
+    candidates = [Path(os.environ["CUDA_HOME"]) / "include"] if os.environ.get("CUDA_HOME") else []
+    candidates.append(Path("/usr/local/cuda/include"))
+    for c in candidates:
+        if (c / "cuda_runtime_api.h").exists():
+            return c
+    raise AssertionError(f"cuda_runtime_api.h not found in {[str(c) for c in candidates]}: CI needs the CUDA toolkit")
+
+
+def test_bindings_cuda_section_compiles():
+    """csrc/bindings.cpp's SVDQ_WITH_CUDA section (the cuda_* ops backend.py dispatches to) is only built by setup.py
+    when torch has CUDA, which the CPU wheel here has not: compile it against the CPU torch's headers instead (it uses
+    no torch CUDA headers, by design), syntax and types only."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    root = SCRIPT.parents[1]
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"], str(_cuda_include())]]
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Wno-unused-parameter", "-DSVDQ_WITH_CUDA",
+           "-DTORCH_EXTENSION_NAME=_C", *includes, str(root / "csrc" / "bindings.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-6000:]}"
+    ours = [line for line in proc.stderr.splitlines() if "warning" in line and "csrc/" in line]
+    assert not ours, "\n".join(ours)

@@ -6,15 +6,25 @@
 // column block holds 16 columns x 8 inputs; `chunk & 0x0F` is the vpdpbusd operand for inputs 8s..8s+3 (dword c =
 // column c) and `(chunk >> 4) & 0x0F` the one for 8s+4..8s+7. vpdpbusd multiplies unsigned by signed bytes, so the
 // weight side is the unsigned one: INT4 nibbles are w + 8; NVFP4 codes go through a 16-byte vpshufb table to
-// 2·value + 12 (INT4 takes the high nibbles in place, `chunk & 0xF0` = 16·nibble, and divides that accumulator
-// by 16 exactly). The activations (int8, signed) are broadcast 4 bytes at a time. Each group's int32 accumulator
-// starts at acorr = -offset·Σa, which cancels the offset exactly.
+// 2·value + 12. The activations (int8) are broadcast 4 bytes at a time. Each group's int32 accumulator starts at
+// acorr = -offset·Σa, which cancels the offset exactly.
 //
-// Micro-kernel: 4 rows x 32 columns, two int32 accumulators per output vector (low / high nibbles: halves the
-// vpdpbusd dependency chains) + one fp32 accumulator = 24 zmm, the full K in registers. An isolated copy of the
-// inner loop runs at 98% of the vpdpbusd peak on Zen 5; the per-group scaling (cvt, mul, fma per accumulator every
-// 16 vpdpbusd) and the low-rank epilogue take most of the rest. Tiles (layout.h tile_plan) are 64 columns.
+// Signed INT4 rows (codes -7..7, every layer but the shifted ones) take a shorter path, Path::kInt4x16: the high
+// nibbles are used in place (`chunk & 0xF0` = 16·nibble, no shift) and the activation operand of the low nibbles
+// is 16·a instead (RowBlock), so both halves add into one accumulator that holds exactly 16·dot; the 1/16 goes into
+// the activation scale where that is exact. Per group and output vector that is 16 vpdpbusd + cvt, mul, fma.
+//
+// Activations are repacked per tile row block (RowBlock, Rows): the 8 inputs of one step of the micro-kernel's 6
+// rows lie side by side, so the micro-kernel reads one sequential stream through one pointer (six row pointers
+// had spilled general registers in the inner loop).
+//
+// Micro-kernel: 6 rows x 2 column blocks (32 columns): 12 int32 accumulators (12 independent vpdpbusd chains) and
+// 12 fp32 ones over the full K. Measured on the 2-core Zen 5 (2026-11-22, bench/bench_layers.py): 75-82 % of the
+// vpdpbusd peak at M = 4096; the per-group scaling and the nibble unpacking share its ports. Tried and slower:
+// 12 rows x 1 block, 8 x 2, 16 x 1, and vpdpbusd with an embedded-broadcast operand (inline asm).
 #include <time.h>
+
+#include <new>
 
 #include "../layout.h"
 #include "common.h"
@@ -25,12 +35,34 @@ namespace svdq_cpu {
 
 namespace {
 
-constexpr int kMR = 4;
+// Rows per micro-kernel: 6 rows x 2 column blocks = 12 int32 + 12 fp32 accumulators in zmm registers, plus the
+// unpacked weights; 12 independent vpdpbusd chains cover its latency.
+constexpr int kMR = 6;
 // Software prefetch distances: the first micro-row of a tile pulls its weight columns from L3 (~200 cycles away;
 // 32 chunks ahead is ~250 cycles of work), every micro-row its activation rows from L2. Worth a few percent at
 // most on the (noisy, shared) development machine; not tuned further.
 constexpr int kPrefetchChunks = 32;
 constexpr int kPrefetchActBytes = 256;
+
+// How a micro-kernel turns a 64-byte weight chunk into its two vpdpbusd operands (low nibbles: inputs 8s..8s+3,
+// high nibbles: 8s+4..8s+7), both accumulated into one int32 register per output vector:
+//   kInt4x16  `chunk & 0x0F` and `chunk & 0xF0` (= 16 x nibble, no shift): the activation operand of the low
+//             nibbles is 16·a (see RowBlock), so the accumulator holds 16 x the group's dot product.
+//   kInt4     `chunk & 0x0F` and `(chunk >> 4) & 0x0F` with the activation codes as they are (unsigned codes of
+//             shifted layers, 0..15, where 16·a would not fit an int8).
+//   kNvfp4    both nibbles through the 2·e2m1 + 12 table.
+enum class Path { kInt4x16, kInt4, kNvfp4 };
+
+// The activation rows of one tile row block, repacked per micro-row of kMR rows (see RowBlock):
+//   act    int8  [micro-rows, K/8, kMR, 8]: the 8 inputs of step s of the kMR rows side by side;
+//   ascale fp32  [micro-rows, K/G, kMR];  acorr int32 [micro-rows, K/G, kMR]; rows past the block are 0.
+// m0 is the output row of the block's row 0.
+struct Rows {
+    const int8_t* act;
+    const float* ascale;
+    const int32_t* acorr;
+    int64_t m0;
+};
 
 static inline int32_t load_i32(const int8_t* p) {
     int32_t v;
@@ -38,9 +70,10 @@ static inline int32_t load_i32(const int8_t* p) {
     return v;
 }
 
-template <bool kNvfp4, int MR, int NV>
-static inline void micro_kernel(const W4A4Args& a, int64_t m0, int64_t nb0, const uint8_t* pf_l2) {
-    constexpr int G = kNvfp4 ? kGroupNvfp4 : kGroupInt4;
+// Micro-row mr of the block (rows kMR·mr .. kMR·mr + MR - 1) against column blocks nb0 .. nb0 + NV - 1.
+template <Path P, int MR, int NV>
+static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr, int64_t nb0, const uint8_t* pf_l2) {
+    constexpr int G = P == Path::kNvfp4 ? kGroupNvfp4 : kGroupInt4;
     constexpr int kSteps = G / kStepK;  // 64-byte chunks per group and column block
     const int64_t K = a.K, groups = K / G, block_bytes = (K / kStepK) * kChunkBytes;
     const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -48,27 +81,23 @@ static inline void micro_kernel(const W4A4Args& a, int64_t m0, int64_t nb0, cons
     alignas(64) static constexpr uint8_t kTable[64] = {
         12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
         12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
-    const __m512i table = _mm512_load_si512(kTable);
 
     const uint8_t* wp[NV];
     for (int v = 0; v < NV; ++v) wp[v] = a.wcodes + (nb0 + v) * block_bytes;
-    const int8_t* ap[MR];
-    for (int i = 0; i < MR; ++i) ap[i] = a.act + (m0 + i) * K;
+    const int8_t* ap = rows.act + mr * K * kMR;  // step s of row i: ap + (s·kMR + i)·8
+    const float* asp = rows.ascale + mr * groups * kMR;
+    const int32_t* acp = rows.acorr + mr * groups * kMR;
 
     __m512 acc[MR][NV];
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
 
     for (int64_t g = 0; g < groups; ++g) {
-        // Two accumulators per output (inputs 8s..8s+3 and 8s+4..8s+7) halve the vpdpbusd dependency chains.
-        __m512i dot[MR][NV], dot_hi[MR][NV];
+        __m512i dot[MR][NV];
+        _mm_prefetch(reinterpret_cast<const char*>(ap + g * G * kMR + kPrefetchActBytes), _MM_HINT_T0);
         for (int i = 0; i < MR; ++i) {
-            _mm_prefetch(reinterpret_cast<const char*>(ap[i] + g * G + kPrefetchActBytes), _MM_HINT_T0);
-            const __m512i c = _mm512_set1_epi32(a.acorr[(m0 + i) * groups + g]);
-            for (int v = 0; v < NV; ++v) {
-                dot[i][v] = c;
-                dot_hi[i][v] = _mm512_setzero_si512();
-            }
+            const __m512i c = _mm512_set1_epi32(acp[g * kMR + i]);
+            for (int v = 0; v < NV; ++v) dot[i][v] = c;
         }
 #pragma GCC unroll 8
         for (int s = 0; s < kSteps; ++s) {
@@ -79,29 +108,34 @@ static inline void micro_kernel(const W4A4Args& a, int64_t m0, int64_t nb0, cons
                 const __m512i raw = _mm512_loadu_si512(wp[v] + (k / kStepK) * kChunkBytes);
                 _mm_prefetch(reinterpret_cast<const char*>(wp[v] + (k / kStepK + kPrefetchChunks) * kChunkBytes), _MM_HINT_T0);
                 __m512i lo = _mm512_and_si512(raw, low4), hi;
-                if (kNvfp4) {
-                    lo = _mm512_shuffle_epi8(table, lo);
-                    hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4));
+                if (P == Path::kInt4x16) {
+                    hi = _mm512_andnot_si512(low4, raw);
                 } else {
-                    hi = _mm512_andnot_si512(low4, raw);  // 16 x nibble: dot_hi is 16x its sum, undone below
+                    hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+                    if (P == Path::kNvfp4) {
+                        const __m512i table = _mm512_load_si512(kTable);
+                        lo = _mm512_shuffle_epi8(table, lo);
+                        hi = _mm512_shuffle_epi8(table, hi);
+                    }
                 }
+                const int8_t* as = ap + k * kMR;  // (k / 8)·kMR·8
                 for (int i = 0; i < MR; ++i) {
-                    dot[i][v] = _mm512_dpbusd_epi32(dot[i][v], lo, _mm512_set1_epi32(load_i32(ap[i] + k)));
-                    dot_hi[i][v] = _mm512_dpbusd_epi32(dot_hi[i][v], hi, _mm512_set1_epi32(load_i32(ap[i] + k + 4)));
+                    dot[i][v] = _mm512_dpbusd_epi32(dot[i][v], lo, _mm512_set1_epi32(load_i32(as + 8 * i)));
+                    dot[i][v] = _mm512_dpbusd_epi32(dot[i][v], hi, _mm512_set1_epi32(load_i32(as + 8 * i + 4)));
                 }
             }
         }
         __m512 ws[NV];
         for (int v = 0; v < NV; ++v) ws[v] = _mm512_loadu_ps(a.wscales + ((nb0 + v) * groups + g) * kBlockN);
         for (int i = 0; i < MR; ++i) {
-            const __m512 as = _mm512_set1_ps(a.ascale[(m0 + i) * groups + g]);
+            const __m512 as = _mm512_set1_ps(asp[g * kMR + i]);
             for (int v = 0; v < NV; ++v) {
-                const __m512i d = _mm512_add_epi32(dot[i][v], kNvfp4 ? dot_hi[i][v] : _mm512_srai_epi32(dot_hi[i][v], 4));
-                acc[i][v] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), as), ws[v], acc[i][v]);
+                acc[i][v] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[i][v]), as), ws[v], acc[i][v]);
             }
         }
     }
 
+    const int64_t m0 = rows.m0 + mr * kMR;
     if (a.out_scale != nullptr) {
         for (int v = 0; v < NV; ++v) {
             const __m512 os = _mm512_loadu_ps(a.out_scale + (nb0 + v) * kBlockN);
@@ -128,21 +162,110 @@ static inline void micro_kernel(const W4A4Args& a, int64_t m0, int64_t nb0, cons
 }
 
 // pf[0], pf[1]: column blocks to pull into L2 meanwhile (or null), one per micro-kernel call.
-template <bool kNvfp4, int MR>
-static inline void rows_kernel(const W4A4Args& a, int64_t m0, int64_t nb0, int64_t nblocks, const uint8_t* const* pf) {
+template <Path P, int MR>
+static inline void rows_kernel(const W4A4Args& a, const Rows& rows, int64_t mr, int64_t nb0, int64_t nblocks,
+                               const uint8_t* const* pf) {
     switch (nblocks) {
-        case 1: micro_kernel<kNvfp4, MR, 1>(a, m0, nb0, pf[0]); break;
-        case 2: micro_kernel<kNvfp4, MR, 2>(a, m0, nb0, pf[0]); break;
+        case 1: micro_kernel<P, MR, 1>(a, rows, mr, nb0, pf[0]); break;
+        case 2: micro_kernel<P, MR, 2>(a, rows, mr, nb0, pf[0]); break;
         case 3:
-            micro_kernel<kNvfp4, MR, 2>(a, m0, nb0, pf[0]);
-            micro_kernel<kNvfp4, MR, 1>(a, m0, nb0 + 2, pf[1]);
+            micro_kernel<P, MR, 2>(a, rows, mr, nb0, pf[0]);
+            micro_kernel<P, MR, 1>(a, rows, mr, nb0 + 2, pf[1]);
             break;
         default:
-            micro_kernel<kNvfp4, MR, 2>(a, m0, nb0, pf[0]);
-            micro_kernel<kNvfp4, MR, 2>(a, m0, nb0 + 2, pf[1]);
+            micro_kernel<P, MR, 2>(a, rows, mr, nb0, pf[0]);
+            micro_kernel<P, MR, 2>(a, rows, mr, nb0 + 2, pf[1]);
             break;
     }
 }
+
+template <Path P>
+static inline void micro_row(const W4A4Args& a, const Rows& rows, int64_t mr, int64_t count, int64_t nb0,
+                             int64_t nblocks, const uint8_t* const* pf) {
+    switch (count) {
+        case 1: rows_kernel<P, 1>(a, rows, mr, nb0, nblocks, pf); break;
+        case 2: rows_kernel<P, 2>(a, rows, mr, nb0, nblocks, pf); break;
+        case 3: rows_kernel<P, 3>(a, rows, mr, nb0, nblocks, pf); break;
+        case 4: rows_kernel<P, 4>(a, rows, mr, nb0, nblocks, pf); break;
+        case 5: rows_kernel<P, 5>(a, rows, mr, nb0, nblocks, pf); break;
+        default: rows_kernel<P, 6>(a, rows, mr, nb0, nblocks, pf); break;
+    }
+}
+
+// One tile row block's activations in the Rows layout, built by each thread for the row block it works on and kept
+// while the thread stays in it (for the rest of this GEMM call: `call` tells calls apart).
+// INT4 rows are also rewritten for Path::kInt4x16 when that is exact: act16 = 16·a at the inputs that meet the low
+// weight nibbles (k % 8 < 4), a elsewhere; ascale / 16; acorr·16. Exact when every code is in [-8, 7] (16·a fits an
+// int8: signed layers, codes -7..7) and every ascale / 16 is exact (then float(16·d)·(s/16) is the same fp32 value
+// as float(d)·s, both the exact d·s rounded once). Otherwise (unsigned codes 0..15 of shifted layers, a scale in the
+// subnormal range) the block keeps the codes and takes Path::kInt4.
+struct RowBlock {
+    uint64_t call = 0;
+    int64_t m0 = -1;
+    bool x16 = false;
+    Rows rows{};
+
+    void build(const W4A4Args& a, bool nvfp4, int64_t m0_, int64_t count) {
+        call = a.call;
+        m0 = m0_;
+        const int64_t K = a.K, G = nvfp4 ? kGroupNvfp4 : kGroupInt4, groups = K / G, steps = K / kStepK;
+        const int64_t micro = ceil_div(count, kMR), padded = micro * kMR;
+        // One buffer per thread, grown on demand and kept.
+        thread_local uint8_t* buf = nullptr;
+        thread_local int64_t cap = 0;
+        const int64_t act_bytes = (padded * K + 63) / 64 * 64, scale_bytes = (padded * groups * 4 + 63) / 64 * 64;
+        if (act_bytes + 2 * scale_bytes > cap) {
+            ::operator delete[](buf, std::align_val_t(64));
+            cap = act_bytes + 2 * scale_bytes;
+            buf = static_cast<uint8_t*>(::operator new[](size_t(cap), std::align_val_t(64)));
+        }
+        int8_t* act = reinterpret_cast<int8_t*>(buf);
+        float* ascale = reinterpret_cast<float*>(buf + act_bytes);
+        int32_t* acorr = reinterpret_cast<int32_t*>(buf + act_bytes + scale_bytes);
+        rows = Rows{act, ascale, acorr, m0};
+
+        x16 = !nvfp4;
+        const __m512i lo_in = _mm512_set1_epi8(-8), hi_in = _mm512_set1_epi8(7);
+        for (int64_t r = 0; r < count && x16; ++r) {
+            const float* as = a.ascale + (m0 + r) * groups;
+            for (int64_t g = 0; g < groups && x16; ++g) x16 = as[g] * 0.0625f * 16.0f == as[g];
+            const int8_t* src = a.act + (m0 + r) * K;
+            for (int64_t k = 0; k < K && x16; k += 64) {  // K % 64 == 0 for INT4
+                const __m512i v = _mm512_loadu_si512(src + k);
+                if (_mm512_cmpgt_epi8_mask(v, hi_in) | _mm512_cmpgt_epi8_mask(lo_in, v)) x16 = false;
+            }
+        }
+        const int32_t corr_mul = x16 ? 16 : 1;
+        const float scale_mul = x16 ? 0.0625f : 1.0f;
+        for (int64_t r = 0; r < padded; ++r) {
+            const int64_t mr = r / kMR, i = r % kMR;
+            float* as = ascale + mr * groups * kMR + i;
+            int32_t* ac = acorr + mr * groups * kMR + i;
+            for (int64_t g = 0; g < groups; ++g) {
+                as[g * kMR] = r < count ? a.ascale[(m0 + r) * groups + g] * scale_mul : 0.0f;
+                ac[g * kMR] = r < count ? a.acorr[(m0 + r) * groups + g] * corr_mul : 0;
+            }
+            // Step s of this row goes to act + ((mr·steps + s)·kMR + i)·8: eight steps (64 bytes) per scatter.
+            int8_t* dst = act + (mr * steps * kMR + i) * kStepK;
+            const __m512i index = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(kMR * kStepK));
+            const __m512i top4 = _mm512_set1_epi8(int8_t(0xF0));
+            const __mmask64 low_half = 0x0F0F0F0F0F0F0F0FULL;  // bytes k % 8 < 4
+            for (int64_t k = 0; k < K; k += 64) {
+                __m512i v = _mm512_setzero_si512();
+                if (r < count) {
+                    const int64_t left = K - k;  // NVFP4 K may be a multiple of 16 only
+                    const __mmask64 m = left >= 64 ? ~__mmask64(0) : ((__mmask64(1) << left) - 1);
+                    v = _mm512_maskz_loadu_epi8(m, a.act + (m0 + r) * K + k);
+                }
+                // Per byte a << 4 (16-bit shifts carry a byte's top nibble into its neighbour; the mask drops it).
+                if (x16) v = _mm512_mask_mov_epi8(v, low_half, _mm512_and_si512(_mm512_slli_epi16(v, 4), top4));
+                const int64_t n = min_i64(8, (K - k) / kStepK);
+                const __mmask8 lanes = __mmask8((1u << n) - 1u);
+                _mm512_mask_i64scatter_epi64(dst + k * kMR, lanes, index, v, 1);
+            }
+        }
+    }
+};
 
 // Tiles [tile_begin, tile_end) in order. Only a tile's first micro-row reads its weights from L3 or memory (the
 // later ones hit L2), so at small M the weight stream and the compute took turns: the second and third micro-rows
@@ -151,6 +274,7 @@ template <bool kNvfp4>
 void gemm_tiles(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
     const TilePlan plan = tile_plan(a.M, a.N, a.K);
     const int64_t NB = ceil_div(a.N, kBlockN), block_bytes = (a.K / kStepK) * kChunkBytes;
+    thread_local RowBlock block;
     for (int64_t t = tile_begin; t < tile_end; ++t) {
         const int64_t m0 = (t / plan.tiles_n) * plan.rows, m1 = min_i64(a.M, m0 + plan.rows);
         const int64_t nb0 = (t % plan.tiles_n) * kTileBlocks, nblocks = min_i64(kTileBlocks, NB - nb0);
@@ -159,14 +283,17 @@ void gemm_tiles(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
             const int64_t nn = ((t + 1) % plan.tiles_n) * kTileBlocks;
             for (int v = 0; v < kTileBlocks; ++v) next[v] = nn + v < NB ? a.wcodes + (nn + v) * block_bytes : nullptr;
         }
+        if (block.call != a.call || block.m0 != m0) block.build(a, kNvfp4, m0, m1 - m0);
         const uint8_t* none[2] = {nullptr, nullptr};
-        for (int64_t m = m0, j = 0; m < m1; m += kMR, ++j) {
-            const uint8_t* const* pf = j == 1 ? next : j == 2 ? next + 2 : none;
-            switch (min_i64(kMR, m1 - m)) {
-                case 1: rows_kernel<kNvfp4, 1>(a, m, nb0, nblocks, pf); break;
-                case 2: rows_kernel<kNvfp4, 2>(a, m, nb0, nblocks, pf); break;
-                case 3: rows_kernel<kNvfp4, 3>(a, m, nb0, nblocks, pf); break;
-                default: rows_kernel<kNvfp4, 4>(a, m, nb0, nblocks, pf); break;
+        for (int64_t i = 0, mr = 0; i < m1 - m0; i += kMR, ++mr) {
+            const uint8_t* const* pf = mr == 1 ? next : mr == 2 ? next + 2 : none;
+            const int64_t count = min_i64(kMR, m1 - m0 - i);
+            if (kNvfp4) {
+                micro_row<Path::kNvfp4>(a, block.rows, mr, count, nb0, nblocks, pf);
+            } else if (block.x16) {
+                micro_row<Path::kInt4x16>(a, block.rows, mr, count, nb0, nblocks, pf);
+            } else {
+                micro_row<Path::kInt4>(a, block.rows, mr, count, nb0, nblocks, pf);
             }
         }
     }

@@ -54,6 +54,7 @@ struct W4A4Args {
     const float* out_scale;  // [NB*16] or null (nvfp4 wtscale*wcscales)
     void* out;               // [M, N] row-major, out_dtype
     DType out_dtype;
+    uint64_t call;           // distinct for every GEMM call (bindings.cpp): per-thread scratch is never reused across calls
 };
 
 // W4A16: y[m, n] = Σ_g fma(zero[n,g], xs[m,g], fma(scale[n,g], Σ_{k∈g} fma-chain x·q, y)) + bias, fp32, rounded

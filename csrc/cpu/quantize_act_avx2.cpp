@@ -9,7 +9,7 @@ namespace svdq_cpu {
 
 namespace {
 
-constexpr int kRows = kRowsPerQuantTask;
+constexpr int kRows = 4;  // rows widened and quantized together
 constexpr int kChunk = 256;
 
 static inline int32_t quantize_group_int4(const float* xf, const float* smooth, bool shifted, int8_t* act,

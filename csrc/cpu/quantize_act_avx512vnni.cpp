@@ -2,8 +2,9 @@
 // quantize_act_ref.cpp (IEEE division, not a reciprocal; vroundscaleps = round half to even), so the codes and
 // scales are bit-identical to nunchaku_core/reference.py, and lora is the same fma chain over k.
 //
-// Four rows at a time, in chunks of 256 inputs: the chunk is widened to fp32 once (xf, 4 KiB, stays in L1), then
-// quantized and multiplied into the low-rank accumulators, so x is read from memory once.
+// Blocks of 16 rows, in chunks of 256 inputs, four rows at a time: the chunk is widened to fp32 once (xf, 4 KiB,
+// stays in L1), then quantized and multiplied into the low-rank accumulators, so x is read from memory once and D
+// once per 16 rows.
 // Output layouts: csrc/layout.h ("Activations").
 #include "../layout.h"
 #include "common.h"
@@ -14,8 +15,9 @@ namespace svdq_cpu {
 
 namespace {
 
-constexpr int kRows = kRowsPerQuantTask;
+constexpr int kRows = 4;  // rows widened and quantized together
 constexpr int kChunk = 256;
+constexpr int kBlockRows = 16;  // rows sharing one pass over D (bindings.cpp hands out 16-row tasks at large M)
 
 static inline int32_t quantize_group_int4(const float* xf, const float* smooth, bool shifted, int8_t* act,
                                           float* ascale) {
@@ -96,44 +98,52 @@ static inline void lora_chunk(const float (*xf)[kChunk], int kc, const float* D,
         for (int v = 0; v < RV; ++v) _mm512_storeu_ps(&lacc[i][r0 + 16 * v], acc[i][v]);
 }
 
+// Rows [m0, m0 + rows), rows <= kBlockRows, in chunks of kChunk inputs. Each chunk is handled four rows at a time
+// (widened to fp32 in xf, quantized, multiplied into the low-rank accumulators), so the chunk of D (kChunk x R16
+// fp32, 32 KiB at rank 32) is read from L2/L3 once per kBlockRows rows and from L1 for the other row quads: at
+// K = 12288, D (1.5 MiB) does not fit L2 and was the quantizer's main cost.
 template <bool kNvfp4>
 void quantize_rows(const QuantArgs& a, int64_t m0, int rows) {
     const int64_t G = kNvfp4 ? kGroupNvfp4 : kGroupInt4, groups = a.K / G;
     alignas(64) float xf[kRows][kChunk];
-    alignas(64) float lacc[kRows][kMaxRank16];
-    for (int i = 0; i < kRows; ++i)
+    alignas(64) float lacc[kBlockRows][kMaxRank16];
+    for (int i = 0; i < kBlockRows; ++i)
         for (int64_t r = 0; r < a.R16; ++r) lacc[i][r] = 0.0f;
     for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {
         const int kc = int(min_i64(kChunk, a.K - k0));  // a multiple of G, so of 16
-        for (int i = 0; i < kRows; ++i) {
-            for (int j = 0; j < kc; j += 16) {
-                const __m512 v = i < rows ? load16(a.x, a.xdtype, (m0 + i) * a.ldx + k0 + j) : _mm512_setzero_ps();
-                _mm512_store_ps(&xf[i][j], v);
-            }
-        }
-        for (int i = 0; i < rows; ++i) {
-            const int64_t m = m0 + i;
-            for (int j = 0; j < kc; j += int(G)) {
-                const int64_t k = k0 + j, g = k / G;
-                int32_t sum;
-                if (kNvfp4) {
-                    sum = quantize_group_nvfp4(&xf[i][j], a.smooth + k, a.act + m * a.K + k,
-                                               a.codes ? a.codes + m * a.K + k : nullptr, a.ascale + m * groups + g);
-                } else {
-                    sum = quantize_group_int4(&xf[i][j], a.smooth + k, a.shifted, a.act + m * a.K + k,
-                                              a.ascale + m * groups + g);
+        for (int q = 0; q < rows; q += kRows) {
+            const int n = int(min_i64(kRows, rows - q));
+            for (int i = 0; i < kRows; ++i) {
+                for (int j = 0; j < kc; j += 16) {
+                    const __m512 v = i < n ? load16(a.x, a.xdtype, (m0 + q + i) * a.ldx + k0 + j) : _mm512_setzero_ps();
+                    _mm512_store_ps(&xf[i][j], v);
                 }
-                a.acorr[m * groups + g] = -(kNvfp4 ? kNvfp4Offset : kInt4Offset) * sum;
             }
-        }
-        if (a.lora == nullptr) continue;
-        const float* D = a.proj_down + k0 * a.R16;
-        for (int64_t r0 = 0; r0 < a.R16; r0 += 64) {
-            switch (min_i64(4, (a.R16 - r0) / 16)) {
-                case 1: lora_chunk<1>(xf, kc, D, a.R16, lacc, r0); break;
-                case 2: lora_chunk<2>(xf, kc, D, a.R16, lacc, r0); break;
-                case 3: lora_chunk<3>(xf, kc, D, a.R16, lacc, r0); break;
-                default: lora_chunk<4>(xf, kc, D, a.R16, lacc, r0); break;
+            for (int i = 0; i < n; ++i) {
+                const int64_t m = m0 + q + i;
+                for (int j = 0; j < kc; j += int(G)) {
+                    const int64_t k = k0 + j, g = k / G;
+                    int32_t sum;
+                    if (kNvfp4) {
+                        sum = quantize_group_nvfp4(&xf[i][j], a.smooth + k, a.act + m * a.K + k,
+                                                   a.codes ? a.codes + m * a.K + k : nullptr, a.ascale + m * groups + g);
+                    } else {
+                        sum = quantize_group_int4(&xf[i][j], a.smooth + k, a.shifted, a.act + m * a.K + k,
+                                                  a.ascale + m * groups + g);
+                    }
+                    a.acorr[m * groups + g] = -(kNvfp4 ? kNvfp4Offset : kInt4Offset) * sum;
+                }
+            }
+            if (a.lora == nullptr) continue;
+            const float* D = a.proj_down + k0 * a.R16;
+            float(*la)[kMaxRank16] = lacc + q;  // rows q+n.. (zero x) are never stored
+            for (int64_t r0 = 0; r0 < a.R16; r0 += 64) {
+                switch (min_i64(4, (a.R16 - r0) / 16)) {
+                    case 1: lora_chunk<1>(xf, kc, D, a.R16, la, r0); break;
+                    case 2: lora_chunk<2>(xf, kc, D, a.R16, la, r0); break;
+                    case 3: lora_chunk<3>(xf, kc, D, a.R16, la, r0); break;
+                    default: lora_chunk<4>(xf, kc, D, a.R16, la, r0); break;
+                }
             }
         }
     }
@@ -145,7 +155,9 @@ void quantize_rows(const QuantArgs& a, int64_t m0, int rows) {
 
 template <bool kNvfp4>
 void quantize_range(const QuantArgs& a, int64_t row_begin, int64_t row_end) {
-    for (int64_t m = row_begin; m < row_end; m += kRows) quantize_rows<kNvfp4>(a, m, int(min_i64(kRows, row_end - m)));
+    for (int64_t m = row_begin; m < row_end; m += kBlockRows) {
+        quantize_rows<kNvfp4>(a, m, int(min_i64(kBlockRows, row_end - m)));
+    }
 }
 
 }  // namespace
