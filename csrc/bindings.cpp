@@ -93,7 +93,7 @@ at::Tensor empty_output(at::IntArrayRef shape, at::ScalarType dtype) {
 
 // GEMM tiles per task: runs of consecutive tiles, so the AVX-512 kernel knows the tile it does next and
 // prefetches its weights (gemm_w4a4_avx512vnni.cpp gemm_tiles). 4 keeps 12 tasks for 16 x 3072 outputs.
-constexpr int64_t kTilesPerTask = 4;
+constexpr int64_t kTilesPerTask = 12;
 
 // Runs fn(i, i + 1) for i in [0, count) on torch's intra-op threads, handing out indices from a shared counter:
 // a thread that gets descheduled (the development machines share 2 cores) does not hold the others back, as a

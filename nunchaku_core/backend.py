@@ -64,11 +64,18 @@ def cuda_kernels_available() -> bool:
     return _C is not None and hasattr(_C, "cuda_quantize_act_int4_lowrank") and torch.cuda.is_available()
 
 
+_isa_by_env: dict[str, str] = {}
+
+
 def cpu_isa() -> str:
     """The CPU kernel variant to run: SVDQ_CPU_ISA if set (must be supported), else the best by CPUID."""
     if _C is None:
         raise RuntimeError(f"nunchaku_core._C is not built ({_C_ERROR}); {BUILD_HINT}")
-    want = os.environ.get("SVDQ_CPU_ISA", "auto").strip().lower() or "auto"
+    env = os.environ.get("SVDQ_CPU_ISA", "auto")
+    hit = _isa_by_env.get(env)  # once per value: this runs on every layer call
+    if hit is not None:
+        return hit
+    want = env.strip().lower() or "auto"
     if want == "auto":
         isa = [i for i in CPU_ISAS if _C.cpu_isa_supported(i)][-1]
         how = "best supported by this CPU (CPUID)"
@@ -82,12 +89,14 @@ def cpu_isa() -> str:
     if ("isa", isa) not in _said:
         _said.add(("isa", isa))
         log.info("nunchaku_core: CPU kernels use %s (%s)", isa, how)
+    _isa_by_env[env] = isa
     return isa
 
 
 def resolve_backend(device: Union[str, torch.device], backend: Optional[str] = None) -> str:
     """'cpu', 'cuda' or 'reference' for tensors on `device` (see the module docstring for the order)."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     want = backend or os.environ.get("SVDQ_BACKEND", "auto").strip().lower() or "auto"
     if want not in BACKENDS:
         raise ValueError(f"backend {want!r} (argument or SVDQ_BACKEND): expected one of {', '.join(BACKENDS)}")

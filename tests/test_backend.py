@@ -21,6 +21,7 @@ def clean_env(monkeypatch):
     monkeypatch.delenv("SVDQ_BACKEND", raising=False)
     monkeypatch.delenv("SVDQ_CPU_ISA", raising=False)
     monkeypatch.setattr(backend, "_said", set())
+    monkeypatch.setattr(backend, "_isa_by_env", {})
 
 
 def test_auto_picks_compiled_cpu_kernel_and_best_isa(caplog):
