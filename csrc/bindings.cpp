@@ -91,8 +91,9 @@ at::Tensor empty_output(at::IntArrayRef shape, at::ScalarType dtype) {
     return t;
 }
 
-// GEMM tiles per task: runs of consecutive tiles, so the AVX-512 kernel knows the tile it does next and
-// prefetches its weights (gemm_w4a4_avx512vnni.cpp gemm_tiles). 4 keeps 12 tasks for 16 x 3072 outputs.
+// GEMM tiles per task, at least: runs of consecutive tiles, so the AVX-512 kernel knows the tile it does next and
+// prefetches its weights (gemm_w4a4_avx512vnni.cpp gemm_tiles); only a task's first tile starts cold. 12 leaves 4
+// tasks for 16 x 3072 outputs (4 tiles per task measured 3-4 % slower there with cold caches, 2 threads).
 constexpr int64_t kTilesPerTask = 12;
 
 // Runs fn(i, i + 1) for i in [0, count) on torch's intra-op threads, handing out indices from a shared counter:
@@ -263,8 +264,10 @@ at::Tensor gemm_w4a4(bool nvfp4, const at::Tensor& act, const at::Tensor& ascale
                                                : gemm_w4a4_int4_ref);
     const TilePlan plan = tile_plan(M, N, K);
     const int64_t tiles = plan.tiles_m * plan.tiles_n;
-    // Many row blocks: a task is a whole row block (the AVX-512 kernel repacks a block's activations once per task).
-    const int64_t per_task = plan.tiles_m >= 4 ? plan.tiles_n : kTilesPerTask;
+    // Longer runs of tiles when there are many (up to a whole row block: the AVX-512 kernel repacks a block's
+    // activations once per thread), keeping ~8 tasks per thread so that a descheduled thread is made up for.
+    const int64_t per_task = std::max<int64_t>(
+        kTilesPerTask, std::min<int64_t>(plan.tiles_n, tiles / (8 * std::max(1, at::get_num_threads()))));
     parallel_ranges(ceil_div(tiles, per_task), [&](int64_t b, int64_t e) {
         fn(a, b * per_task, std::min(tiles, e * per_task));
     });
