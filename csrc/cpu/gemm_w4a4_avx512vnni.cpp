@@ -205,15 +205,19 @@ struct RowBlock {
     int64_t m0 = -1;
     bool x16 = false;
     Rows rows{};
+    uint8_t* buf = nullptr;  // the Rows buffers, grown on demand; each thread's block lives as long as the thread
+    int64_t cap = 0;
+
+    RowBlock() = default;
+    RowBlock(const RowBlock&) = delete;
+    RowBlock& operator=(const RowBlock&) = delete;
+    ~RowBlock() { ::operator delete[](buf, std::align_val_t(64)); }
 
     void build(const W4A4Args& a, bool nvfp4, int64_t m0_, int64_t count) {
         call = a.call;
         m0 = m0_;
         const int64_t K = a.K, G = nvfp4 ? kGroupNvfp4 : kGroupInt4, groups = K / G, steps = K / kStepK;
         const int64_t micro = ceil_div(count, kMR), padded = micro * kMR;
-        // One buffer per thread, grown on demand and kept.
-        thread_local uint8_t* buf = nullptr;
-        thread_local int64_t cap = 0;
         const int64_t act_bytes = (padded * K + 63) / 64 * 64, scale_bytes = (padded * groups * 4 + 63) / 64 * 64;
         if (act_bytes + 2 * scale_bytes > cap) {
             ::operator delete[](buf, std::align_val_t(64));
