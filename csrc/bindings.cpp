@@ -117,11 +117,11 @@ void parallel_ranges(int64_t count, const F& fn) {
 // Activation quantization + low-rank down-projection
 // ------------------------------------------------------------------------------------------------------------
 
-// Quantizer rows per task: 4 at small M (both threads get work), 16 from 128 rows (the AVX-512 quantizer then
-// reads each chunk of D once per 16 rows; quantize_act_avx512vnni.cpp).
+// Quantizer rows per task: kRowsPerQuantTask at small M (both threads get work), kRowsPerQuantBlock from 128 rows
+// (the AVX-512 quantizer then reads each chunk of D once per block; quantize_act_avx512vnni.cpp).
 template <typename F>
 void quantize_tasks(const QuantArgs& a, F fn) {
-    const int64_t rows = a.M >= 128 ? 4 * kRowsPerQuantTask : kRowsPerQuantTask;
+    const int64_t rows = a.M >= 128 ? kRowsPerQuantBlock : kRowsPerQuantTask;
     parallel_ranges(ceil_div(a.M, rows), [&](int64_t b, int64_t e) { fn(a, b * rows, std::min(a.M, e * rows)); });
 }
 

@@ -54,6 +54,7 @@ constexpr int kMaxRank16 = 1024;    // the quantizers keep 4 rows x R16 fp32 acc
 constexpr int kTileBlocks = 4;      // column blocks per tile (two AVX-512 micro-kernels, 64 columns)
 constexpr int kTileN = kTileBlocks * kBlockN;
 constexpr int kRowsPerQuantTask = 4;
+constexpr int kRowsPerQuantBlock = 16;  // from 128 rows, quantizer tasks are this long (one pass over D each)
 
 static_assert(kBlockN * kStepK / 2 == kChunkBytes, "a chunk is 16 columns x 8 inputs of 4-bit codes");
 static_assert(kGroupInt4 % kStepK == 0 && kGroupNvfp4 % kStepK == 0, "groups hold whole chunks");

@@ -201,8 +201,7 @@ static inline void micro_row(const W4A4Args& a, const Rows& rows, int64_t mr, in
 // as float(d)·s, both the exact d·s rounded once). Otherwise (unsigned codes 0..15 of shifted layers, a scale in the
 // subnormal range) the block keeps the codes and takes Path::kInt4.
 struct RowBlock {
-    uint64_t call = 0;
-    int64_t m0 = -1;
+    uint64_t call = 0;  // the GEMM call it was built in (W4A4Args::call starts at 1); rows.m0 is its first row
     bool x16 = false;
     Rows rows{};
     uint8_t* buf = nullptr;  // the Rows buffers, grown on demand; each thread's block lives as long as the thread
@@ -213,9 +212,8 @@ struct RowBlock {
     RowBlock& operator=(const RowBlock&) = delete;
     ~RowBlock() { ::operator delete[](buf, std::align_val_t(64)); }
 
-    void build(const W4A4Args& a, bool nvfp4, int64_t m0_, int64_t count) {
+    void build(const W4A4Args& a, bool nvfp4, int64_t m0, int64_t count) {
         call = a.call;
-        m0 = m0_;
         const int64_t K = a.K, G = nvfp4 ? kGroupNvfp4 : kGroupInt4, groups = K / G, steps = K / kStepK;
         const int64_t micro = ceil_div(count, kMR), padded = micro * kMR;
         const int64_t act_bytes = (padded * K + 63) / 64 * 64, scale_bytes = (padded * groups * 4 + 63) / 64 * 64;
@@ -242,6 +240,10 @@ struct RowBlock {
         }
         const int32_t corr_mul = x16 ? 16 : 1;
         const float scale_mul = x16 ? 0.0625f : 1.0f;
+        // Step s of row r goes to act + ((mr·steps + s)·kMR + i)·8 (mr, i = r / kMR, r % kMR): 8 steps per scatter.
+        const __m512i index = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(kMR * kStepK));
+        const __m512i top4 = _mm512_set1_epi8(int8_t(0xF0));
+        const __mmask64 low_half = 0x0F0F0F0F0F0F0F0FULL;  // bytes k % 8 < 4
         for (int64_t r = 0; r < padded; ++r) {
             const int64_t mr = r / kMR, i = r % kMR;
             float* as = ascale + mr * groups * kMR + i;
@@ -250,11 +252,7 @@ struct RowBlock {
                 as[g * kMR] = r < count ? a.ascale[(m0 + r) * groups + g] * scale_mul : 0.0f;
                 ac[g * kMR] = r < count ? a.acorr[(m0 + r) * groups + g] * corr_mul : 0;
             }
-            // Step s of this row goes to act + ((mr·steps + s)·kMR + i)·8: eight steps (64 bytes) per scatter.
             int8_t* dst = act + (mr * steps * kMR + i) * kStepK;
-            const __m512i index = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(kMR * kStepK));
-            const __m512i top4 = _mm512_set1_epi8(int8_t(0xF0));
-            const __mmask64 low_half = 0x0F0F0F0F0F0F0F0FULL;  // bytes k % 8 < 4
             for (int64_t k = 0; k < K; k += 64) {
                 __m512i v = _mm512_setzero_si512();
                 if (r < count) {
@@ -288,7 +286,7 @@ void gemm_tiles(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
             const int64_t nn = ((t + 1) % plan.tiles_n) * kTileBlocks;
             for (int v = 0; v < kTileBlocks; ++v) next[v] = nn + v < NB ? a.wcodes + (nn + v) * block_bytes : nullptr;
         }
-        if (block.call != a.call || block.m0 != m0) block.build(a, kNvfp4, m0, m1 - m0);
+        if (block.call != a.call || block.rows.m0 != m0) block.build(a, kNvfp4, m0, m1 - m0);
         const uint8_t* none[2] = {nullptr, nullptr};
         for (int64_t i = 0, mr = 0; i < m1 - m0; i += kMR, ++mr) {
             const uint8_t* const* pf = mr == 1 ? next : mr == 2 ? next + 2 : none;

@@ -3,6 +3,7 @@
 #include "../layout.h"
 #include "common.h"
 #include "kernels.h"
+#include "quantize_groups.h"
 #include "simd_avx2.h"
 
 namespace svdq_cpu {
@@ -94,7 +95,6 @@ static inline void lora_chunk(const float (*xf)[kChunk], int kc, const float* D,
 
 template <bool kNvfp4>
 void quantize_rows(const QuantArgs& a, int64_t m0, int rows) {
-    const int64_t G = kNvfp4 ? kGroupNvfp4 : kGroupInt4, groups = a.K / G;
     alignas(32) float xf[kRows][kChunk];
     alignas(32) float lacc[kRows][kMaxRank16];
     for (int i = 0; i < kRows; ++i)
@@ -107,21 +107,7 @@ void quantize_rows(const QuantArgs& a, int64_t m0, int rows) {
                 _mm256_store_ps(&xf[i][j], v);
             }
         }
-        for (int i = 0; i < rows; ++i) {
-            const int64_t m = m0 + i;
-            for (int j = 0; j < kc; j += int(G)) {
-                const int64_t k = k0 + j, g = k / G;
-                int32_t sum;
-                if (kNvfp4) {
-                    sum = quantize_group_nvfp4(&xf[i][j], a.smooth + k, a.act + m * a.K + k,
-                                               a.codes ? a.codes + m * a.K + k : nullptr, a.ascale + m * groups + g);
-                } else {
-                    sum = quantize_group_int4(&xf[i][j], a.smooth + k, a.shifted, a.act + m * a.K + k,
-                                              a.ascale + m * groups + g);
-                }
-                a.acorr[m * groups + g] = -(kNvfp4 ? kNvfp4Offset : kInt4Offset) * sum;
-            }
-        }
+        quantize_chunk_groups<kNvfp4, quantize_group_int4, quantize_group_nvfp4, kChunk>(a, xf, m0, rows, k0, kc);
         if (a.lora == nullptr) continue;
         for (int64_t r0 = 0; r0 < a.R16; r0 += 16) lora_chunk(xf, kc, a.proj_down + k0 * a.R16, a.R16, lacc, r0);
     }

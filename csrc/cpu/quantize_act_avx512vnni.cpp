@@ -9,6 +9,7 @@
 #include "../layout.h"
 #include "common.h"
 #include "kernels.h"
+#include "quantize_groups.h"
 #include "simd_avx512.h"
 
 namespace svdq_cpu {
@@ -17,7 +18,7 @@ namespace {
 
 constexpr int kRows = 4;  // rows widened and quantized together
 constexpr int kChunk = 256;
-constexpr int kBlockRows = 16;  // rows sharing one pass over D (bindings.cpp hands out 16-row tasks at large M)
+constexpr int kBlockRows = kRowsPerQuantBlock;  // rows sharing one pass over D (layout.h)
 
 static inline int32_t quantize_group_int4(const float* xf, const float* smooth, bool shifted, int8_t* act,
                                           float* ascale) {
@@ -104,7 +105,6 @@ static inline void lora_chunk(const float (*xf)[kChunk], int kc, const float* D,
 // K = 12288, D (1.5 MiB) does not fit L2 and was the quantizer's main cost.
 template <bool kNvfp4>
 void quantize_rows(const QuantArgs& a, int64_t m0, int rows) {
-    const int64_t G = kNvfp4 ? kGroupNvfp4 : kGroupInt4, groups = a.K / G;
     alignas(64) float xf[kRows][kChunk];
     alignas(64) float lacc[kBlockRows][kMaxRank16];
     for (int i = 0; i < kBlockRows; ++i)
@@ -119,21 +119,7 @@ void quantize_rows(const QuantArgs& a, int64_t m0, int rows) {
                     _mm512_store_ps(&xf[i][j], v);
                 }
             }
-            for (int i = 0; i < n; ++i) {
-                const int64_t m = m0 + q + i;
-                for (int j = 0; j < kc; j += int(G)) {
-                    const int64_t k = k0 + j, g = k / G;
-                    int32_t sum;
-                    if (kNvfp4) {
-                        sum = quantize_group_nvfp4(&xf[i][j], a.smooth + k, a.act + m * a.K + k,
-                                                   a.codes ? a.codes + m * a.K + k : nullptr, a.ascale + m * groups + g);
-                    } else {
-                        sum = quantize_group_int4(&xf[i][j], a.smooth + k, a.shifted, a.act + m * a.K + k,
-                                                  a.ascale + m * groups + g);
-                    }
-                    a.acorr[m * groups + g] = -(kNvfp4 ? kNvfp4Offset : kInt4Offset) * sum;
-                }
-            }
+            quantize_chunk_groups<kNvfp4, quantize_group_int4, quantize_group_nvfp4, kChunk>(a, xf, m0 + q, n, k0, kc);
             if (a.lora == nullptr) continue;
             const float* D = a.proj_down + k0 * a.R16;
             float(*la)[kMaxRank16] = lacc + q;  // rows q+n.. (zero x) are never stored
