@@ -61,6 +61,10 @@ class Term:
     def rank(self) -> int:
         return self.down.shape[1]
 
+    def dense(self) -> torch.Tensor:
+        """ΔW, fp32 [N, K]."""
+        return self.scale * (self.up.float() @ self.down.float().T)
+
 
 def _file_key(adapter) -> str:
     """The LoRA file's tensor name behind an adapter, for messages."""
@@ -238,12 +242,12 @@ def build_lora_parts(module, weight_patches, bias_patches, key: str, cache: Dens
         if is_plain_lora(patch):
             t = _lora_term(patch, N, K)
             if dense_w is not None and t.scale != 0:
-                dense_w = dense_w + t.scale * (t.up.float() @ t.down.float().T)
+                dense_w = dense_w + t.dense()
         else:
             if dense_w is None:
                 dense_w = _dense_weight(parts, split)
                 for t0 in terms:
-                    dense_w = dense_w + t0.scale * (t0.up.float() @ t0.down.float().T)
+                    dense_w = dense_w + t0.dense()
             budget = cpu_packing.MAX_RANK - base_rank - sum(t0.rank for t0 in terms)
             w_in = dense_w
             t, dense_w = cache.get((key, signature(weight_patches[:i + 1])),

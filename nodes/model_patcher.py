@@ -21,7 +21,7 @@ import comfy.model_patcher
 import comfy.utils
 
 from .lora_patches import DenseCache, LoRAError, build_lora_parts, check_patch, signature
-from .ops import quantized_linears, quantized_nbytes
+from .ops import NO_PATCHES, quantized_linears, quantized_nbytes
 
 log = logging.getLogger("SVDQuant")
 
@@ -101,11 +101,10 @@ class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
             wp = self.patches.get(f"{name}.weight", [])
             bp = self.patches.get(f"{name}.bias", [])
             sig = (signature(wp), signature(bp))
-            kept = getattr(m, "lora_kept", None)
-            if sig == getattr(m, "lora_signature", _NO_PATCHES):
+            if sig == m.lora_signature:
                 continue
-            if kept is not None and kept[0] == sig:
-                reuse.append((m, kept[1], sig))
+            if m.lora_kept is not None and m.lora_kept[0] == sig:
+                reuse.append((m, m.lora_kept[1], sig))
             else:
                 todo.append((name, m, wp, bp, sig))
         new = []
@@ -113,7 +112,7 @@ class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
         if todo:
             pbar = comfy.utils.ProgressBar(len(todo))
             for name, m, wp, bp, sig in todo:
-                parts = build_lora_parts(m, wp, bp, f"{name}.weight", cache) if sig != _NO_PATCHES else None
+                parts = build_lora_parts(m, wp, bp, f"{name}.weight", cache) if sig != NO_PATCHES else None
                 new.append((m, None if parts is None else type(m.parts)(parts), sig))
                 pbar.update(1)
         for m, parts, sig in reuse + new:
@@ -132,12 +131,8 @@ class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
             for _, m in quantized_linears(self.model):
                 if m.lora_parts is not None:
                     m.lora_kept = (m.lora_signature, m.lora_parts)
-                m.lora_parts, m.lora_signature = None, _NO_PATCHES
+                m.lora_parts, m.lora_signature = None, NO_PATCHES
         return super().unpatch_model(device_to, unpatch_weights)
-
-
-_NO_PATCHES = ((), ())
-
 
 
 def svdquant_patcher_like(patcher) -> SVDQuantModelPatcher:

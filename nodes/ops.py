@@ -26,6 +26,9 @@ def _layer_to(layer, device: torch.device):
     return dataclasses.replace(layer, **moved)
 
 
+NO_PATCHES = ((), ())   # lora_patches.signature of (no weight patches, no bias patches)
+
+
 class _QuantLinear:
     """Mixin for a comfy.ops Linear: stock when loaded from weight/bias, quantized when loaded from a
     QuantizedLinear. The quantized parts are nunchaku_core.linear modules held in `self.parts`; their
@@ -40,7 +43,7 @@ class _QuantLinear:
         self.register_parameter("bias", None)
         self.parts = None                # torch.nn.ModuleList of SVDQuantLinear / W4A16Linear once loaded
         self.lora_parts = None           # the same with LoRAs joined (nodes/lora_patches.py), while patched
-        self.lora_signature = ((), ())   # the patches lora_parts were built for (nodes/model_patcher.py)
+        self.lora_signature = NO_PATCHES  # the patches lora_parts were built for (nodes/model_patcher.py)
         self.lora_kept = None            # (signature, parts) of the last unpatch, reused if the next load matches
         self.split = "out"
 
