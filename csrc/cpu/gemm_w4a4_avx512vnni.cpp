@@ -54,15 +54,26 @@ constexpr int kPrefetchActBytes = 256;
 //   kNvfp4    both nibbles through the 2·e2m1 + 12 table.
 enum class Path { kInt4x16, kInt4, kNvfp4 };
 
-// The activation rows of one tile row block, repacked per micro-row of kMR rows (see RowBlock):
-//   act    int8  [micro-rows, K/8, kMR, 8]: the 8 inputs of step s of the kMR rows side by side;
-//   ascale fp32  [micro-rows, K/G, kMR];  acorr int32 [micro-rows, K/G, kMR]; rows past the block are 0.
+// How a row block of `count` rows is cut into micro-rows: as few as fit kMR rows each, their sizes differing by at
+// most one (16 rows: 6 + 5 + 5, not 6 + 6 + 4: a 4-row micro-kernel has only 8 vpdpbusd chains for its 4-cycle
+// latency at two per cycle, 5 rows have 10). Micro-row mr holds rows first(mr) .. first(mr) + size(mr) - 1.
+struct MicroRows {
+    int64_t n, base, extra;  // n micro-rows; the first `extra` of them have base + 1 rows, the others base
+    explicit MicroRows(int64_t count) : n(ceil_div(count, kMR)), base(count / n), extra(count % n) {}
+    int64_t size(int64_t mr) const { return base + (mr < extra ? 1 : 0); }
+    int64_t first(int64_t mr) const { return mr * base + min_i64(mr, extra); }
+};
+
+// The activation rows of one tile row block, repacked per micro-row (see RowBlock, MicroRows):
+//   act    int8  [micro-rows, K/8, kMR, 8]: the 8 inputs of step s of the micro-row's rows side by side;
+//   ascale fp32  [micro-rows, K/G, kMR];  acorr int32 [micro-rows, K/G, kMR]; slots past a micro-row's size are 0.
 // m0 is the output row of the block's row 0.
 struct Rows {
     const int8_t* act;
     const float* ascale;
     const int32_t* acorr;
     int64_t m0;
+    MicroRows micro;
 };
 
 static inline int32_t load_i32(const int8_t* p) {
@@ -136,7 +147,7 @@ static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr,
         }
     }
 
-    const int64_t m0 = rows.m0 + mr * kMR;
+    const int64_t m0 = rows.m0 + rows.micro.first(mr);
     if (a.out_scale != nullptr) {
         for (int v = 0; v < NV; ++v) {
             const __m512 os = _mm512_loadu_ps(a.out_scale + (nb0 + v) * kBlockN);
@@ -203,7 +214,7 @@ static inline void micro_row(const W4A4Args& a, const Rows& rows, int64_t mr, in
 struct RowBlock {
     uint64_t call = 0;  // the GEMM call it was built in (W4A4Args::call starts at 1); rows.m0 is its first row
     bool x16 = false;
-    Rows rows{};
+    Rows rows{nullptr, nullptr, nullptr, 0, MicroRows(1)};
     uint8_t* buf = nullptr;  // the Rows buffers, grown on demand; each thread's block lives as long as the thread
     int64_t cap = 0;
 
@@ -215,7 +226,8 @@ struct RowBlock {
     void build(const W4A4Args& a, bool nvfp4, int64_t m0, int64_t count) {
         call = a.call;
         const int64_t K = a.K, G = nvfp4 ? kGroupNvfp4 : kGroupInt4, groups = K / G, steps = K / kStepK;
-        const int64_t micro = ceil_div(count, kMR), padded = micro * kMR;
+        const MicroRows micro(count);
+        const int64_t padded = micro.n * kMR;
         const int64_t act_bytes = (padded * K + 63) / 64 * 64, scale_bytes = (padded * groups * 4 + 63) / 64 * 64;
         if (act_bytes + 2 * scale_bytes > cap) {
             ::operator delete[](buf, std::align_val_t(64));
@@ -225,7 +237,7 @@ struct RowBlock {
         int8_t* act = reinterpret_cast<int8_t*>(buf);
         float* ascale = reinterpret_cast<float*>(buf + act_bytes);
         int32_t* acorr = reinterpret_cast<int32_t*>(buf + act_bytes + scale_bytes);
-        rows = Rows{act, ascale, acorr, m0};
+        rows = Rows{act, ascale, acorr, m0, micro};
 
         x16 = !nvfp4;
         const __m512i lo_in = _mm512_set1_epi8(-8), hi_in = _mm512_set1_epi8(7);
@@ -240,22 +252,24 @@ struct RowBlock {
         }
         const int32_t corr_mul = x16 ? 16 : 1;
         const float scale_mul = x16 ? 0.0625f : 1.0f;
-        // Step s of row r goes to act + ((mr·steps + s)·kMR + i)·8 (mr, i = r / kMR, r % kMR): 8 steps per scatter.
+        // Step s of slot i of micro-row mr goes to act + ((mr·steps + s)·kMR + i)·8: 8 steps per scatter.
         const __m512i index = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(kMR * kStepK));
         const __m512i top4 = _mm512_set1_epi8(int8_t(0xF0));
         const __mmask64 low_half = 0x0F0F0F0F0F0F0F0FULL;  // bytes k % 8 < 4
-        for (int64_t r = 0; r < padded; ++r) {
-            const int64_t mr = r / kMR, i = r % kMR;
+        for (int64_t slot = 0; slot < padded; ++slot) {
+            const int64_t mr = slot / kMR, i = slot % kMR;
+            const bool real = i < micro.size(mr);
+            const int64_t r = micro.first(mr) + i;  // the block row in this slot, if real
             float* as = ascale + mr * groups * kMR + i;
             int32_t* ac = acorr + mr * groups * kMR + i;
             for (int64_t g = 0; g < groups; ++g) {
-                as[g * kMR] = r < count ? a.ascale[(m0 + r) * groups + g] * scale_mul : 0.0f;
-                ac[g * kMR] = r < count ? a.acorr[(m0 + r) * groups + g] * corr_mul : 0;
+                as[g * kMR] = real ? a.ascale[(m0 + r) * groups + g] * scale_mul : 0.0f;
+                ac[g * kMR] = real ? a.acorr[(m0 + r) * groups + g] * corr_mul : 0;
             }
             int8_t* dst = act + (mr * steps * kMR + i) * kStepK;
             for (int64_t k = 0; k < K; k += 64) {
                 __m512i v = _mm512_setzero_si512();
-                if (r < count) {
+                if (real) {
                     const int64_t left = K - k;  // NVFP4 K may be a multiple of 16 only
                     const __mmask64 m = left >= 64 ? ~__mmask64(0) : ((__mmask64(1) << left) - 1);
                     v = _mm512_maskz_loadu_epi8(m, a.act + (m0 + r) * K + k);
@@ -288,9 +302,9 @@ void gemm_tiles(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
         }
         if (block.call != a.call || block.rows.m0 != m0) block.build(a, kNvfp4, m0, m1 - m0);
         const uint8_t* none[2] = {nullptr, nullptr};
-        for (int64_t i = 0, mr = 0; i < m1 - m0; i += kMR, ++mr) {
+        for (int64_t mr = 0; mr < block.rows.micro.n; ++mr) {
             const uint8_t* const* pf = mr == 1 ? next : mr == 2 ? next + 2 : none;
-            const int64_t count = min_i64(kMR, m1 - m0 - i);
+            const int64_t count = block.rows.micro.size(mr);
             if (kNvfp4) {
                 micro_row<Path::kNvfp4>(a, block.rows, mr, count, nb0, nblocks, pf);
             } else if (block.x16) {
