@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -119,10 +120,25 @@ void parallel_ranges(int64_t count, const F& fn) {
 
 // Quantizer rows per task: kRowsPerQuantTask at small M (both threads get work), kRowsPerQuantBlock from 128 rows
 // (the AVX-512 quantizer then reads each chunk of D once per block; quantize_act_avx512vnni.cpp).
+int64_t quant_task_rows(int64_t M) { return M >= 128 ? kRowsPerQuantBlock : kRowsPerQuantTask; }
+
 template <typename F>
 void quantize_tasks(const QuantArgs& a, F fn) {
-    const int64_t rows = a.M >= 128 ? kRowsPerQuantBlock : kRowsPerQuantTask;
+    const int64_t rows = quant_task_rows(a.M);
     parallel_ranges(ceil_div(a.M, rows), [&](int64_t b, int64_t e) { fn(a, b * rows, std::min(a.M, e * rows)); });
+}
+
+using QuantFn = void (*)(const QuantArgs&, int64_t, int64_t);
+
+QuantFn quant_fn(bool nvfp4, Isa isa) {
+    if (nvfp4) {
+        return isa == Isa::kAvx512Vnni ? quantize_act_nvfp4_avx512vnni
+               : isa == Isa::kAvx2     ? quantize_act_nvfp4_avx2
+                                       : quantize_act_nvfp4_ref;
+    }
+    return isa == Isa::kAvx512Vnni ? quantize_act_int4_avx512vnni
+           : isa == Isa::kAvx2     ? quantize_act_int4_avx2
+                                   : quantize_act_int4_ref;
 }
 
 QuantArgs quant_args(const at::Tensor& x, const at::Tensor& smooth, const c10::optional<at::Tensor>& proj_down,
@@ -175,10 +191,7 @@ std::vector<at::Tensor> quantize_act_int4_lowrank(const at::Tensor& x_in, const 
     a.x = x.data_ptr();
     a.shifted = shifted;
     std::vector<at::Tensor> out = quantize_outputs(a, kGroupInt4);
-    auto fn = isa == Isa::kAvx512Vnni ? quantize_act_int4_avx512vnni
-              : isa == Isa::kAvx2     ? quantize_act_int4_avx2
-                                      : quantize_act_int4_ref;
-    quantize_tasks(a, fn);
+    quantize_tasks(a, quant_fn(false, isa));
     return out;
 }
 
@@ -196,10 +209,7 @@ std::vector<at::Tensor> quantize_act_nvfp4_lowrank(const at::Tensor& x_in, const
     at::Tensor codes = at::empty({return_codes ? a.M : 0, a.K}, at::TensorOptions().dtype(at::kChar));
     a.codes = return_codes ? codes.data_ptr<int8_t>() : nullptr;
     out.push_back(codes);
-    auto fn = isa == Isa::kAvx512Vnni ? quantize_act_nvfp4_avx512vnni
-              : isa == Isa::kAvx2     ? quantize_act_nvfp4_avx2
-                                      : quantize_act_nvfp4_ref;
-    quantize_tasks(a, fn);
+    quantize_tasks(a, quant_fn(true, isa));
     return out;
 }
 
@@ -207,13 +217,23 @@ std::vector<at::Tensor> quantize_act_nvfp4_lowrank(const at::Tensor& x_in, const
 // W4A4 GEMM
 // ------------------------------------------------------------------------------------------------------------
 
-at::Tensor gemm_w4a4(bool nvfp4, const at::Tensor& act, const at::Tensor& ascale, const at::Tensor& acorr,
-                     const c10::optional<at::Tensor>& lora, const at::Tensor& wcodes, const at::Tensor& wscales,
-                     const at::Tensor& proj_up, const c10::optional<at::Tensor>& bias,
-                     const c10::optional<at::Tensor>& out_scale, int64_t N, at::ScalarType out_dtype,
-                     const std::string& isa_name) {
-    const char* op = nvfp4 ? "gemm_w4a4_nvfp4" : "gemm_w4a4_int4";
-    const Isa isa = parse_isa(isa_name, op);
+using GemmFn = void (*)(const W4A4Args&, int64_t, int64_t);
+
+// One W4A4 GEMM call, checked and ready to run: its arguments, its output and its tasks (runs of per_task tiles).
+struct Gemm {
+    W4A4Args a{};
+    at::Tensor out;
+    GemmFn fn = nullptr;
+    int64_t tiles = 0, per_task = 1;
+    int64_t tasks() const { return ceil_div(tiles, per_task); }
+    void run_task(int64_t i) const { fn(a, i * per_task, std::min(tiles, (i + 1) * per_task)); }
+};
+
+Gemm prepare_gemm(bool nvfp4, const at::Tensor& act, const at::Tensor& ascale, const at::Tensor& acorr,
+                  const c10::optional<at::Tensor>& lora, const at::Tensor& wcodes, const at::Tensor& wscales,
+                  const at::Tensor& proj_up, const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& out_scale, int64_t N, at::ScalarType out_dtype, Isa isa,
+                  const char* op) {
     const int64_t G = nvfp4 ? kGroupNvfp4 : kGroupInt4;
     TORCH_CHECK(act.dim() == 2, op, ": act must be int8 [M, K] from quantize_act_*, got ", act.sizes());
     const int64_t M = act.size(0), K = act.size(1), NB = ceil_div(N, kBlockN);
@@ -227,7 +247,8 @@ at::Tensor gemm_w4a4(bool nvfp4, const at::Tensor& act, const at::Tensor& ascale
     TORCH_CHECK(proj_up.dim() == 3, op, ": proj_up must be fp32 [NB, R, 16], got ", proj_up.sizes());
     const int64_t R = proj_up.size(1);
     check(proj_up, op, "proj_up", at::kFloat, {NB, R, kBlockN}, pk);
-    W4A4Args a{};
+    Gemm g;
+    W4A4Args& a = g.a;
     if (R > 0) {
         TORCH_CHECK(lora.has_value(), op, ": rank ", R, " needs the lora output of quantize_act_*");
         TORCH_CHECK(lora->dim() == 2 && lora->size(1) >= R, op, ": lora must be fp32 [M, R16 >= ", R, "], got ",
@@ -238,7 +259,7 @@ at::Tensor gemm_w4a4(bool nvfp4, const at::Tensor& act, const at::Tensor& ascale
     }
     if (bias.has_value()) check(*bias, op, "bias", at::kFloat, {NB * kBlockN}, pk);
     if (out_scale.has_value()) check(*out_scale, op, "out_scale", at::kFloat, {NB * kBlockN}, pk);
-    at::Tensor out = empty_output({M, N}, out_dtype);
+    g.out = empty_output({M, N}, out_dtype);
     a.act = act.data_ptr<int8_t>();
     a.ascale = ascale.data_ptr<float>();
     a.acorr = acorr.data_ptr<int32_t>();
@@ -251,27 +272,37 @@ at::Tensor gemm_w4a4(bool nvfp4, const at::Tensor& act, const at::Tensor& ascale
     a.proj_up = proj_up.data_ptr<float>();
     a.bias = opt_ptr(bias);
     a.out_scale = opt_ptr(out_scale);
-    a.out = out.data_ptr();
+    a.out = g.out.data_ptr();
     a.out_dtype = to_dtype(out_dtype, op, "out_dtype");
     static std::atomic<uint64_t> calls{0};
     a.call = ++calls;
-    if (M == 0) return out;
-    auto fn = nvfp4 ? (isa == Isa::kAvx512Vnni ? gemm_w4a4_nvfp4_avx512vnni
-                       : isa == Isa::kAvx2     ? gemm_w4a4_nvfp4_avx2
-                                               : gemm_w4a4_nvfp4_ref)
-                    : (isa == Isa::kAvx512Vnni ? gemm_w4a4_int4_avx512vnni
-                       : isa == Isa::kAvx2     ? gemm_w4a4_int4_avx2
-                                               : gemm_w4a4_int4_ref);
+    g.fn = nvfp4 ? (isa == Isa::kAvx512Vnni ? gemm_w4a4_nvfp4_avx512vnni
+                    : isa == Isa::kAvx2     ? gemm_w4a4_nvfp4_avx2
+                                            : gemm_w4a4_nvfp4_ref)
+                 : (isa == Isa::kAvx512Vnni ? gemm_w4a4_int4_avx512vnni
+                    : isa == Isa::kAvx2     ? gemm_w4a4_int4_avx2
+                                            : gemm_w4a4_int4_ref);
     const TilePlan plan = tile_plan(M, N, K);
-    const int64_t tiles = plan.tiles_m * plan.tiles_n;
+    g.tiles = M == 0 ? 0 : plan.tiles_m * plan.tiles_n;
     // Longer runs of tiles when there are many (up to a whole row block: the AVX-512 kernel repacks a block's
     // activations once per thread), keeping ~8 tasks per thread so that a descheduled thread is made up for.
-    const int64_t per_task = std::max<int64_t>(
-        kTilesPerTask, std::min<int64_t>(plan.tiles_n, tiles / (8 * std::max(1, at::get_num_threads()))));
-    parallel_ranges(ceil_div(tiles, per_task), [&](int64_t b, int64_t e) {
-        fn(a, b * per_task, std::min(tiles, e * per_task));
+    g.per_task = std::max<int64_t>(
+        kTilesPerTask, std::min<int64_t>(plan.tiles_n, g.tiles / (8 * std::max(1, at::get_num_threads()))));
+    return g;
+}
+
+at::Tensor gemm_w4a4(bool nvfp4, const at::Tensor& act, const at::Tensor& ascale, const at::Tensor& acorr,
+                     const c10::optional<at::Tensor>& lora, const at::Tensor& wcodes, const at::Tensor& wscales,
+                     const at::Tensor& proj_up, const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& out_scale, int64_t N, at::ScalarType out_dtype,
+                     const std::string& isa_name) {
+    const char* op = nvfp4 ? "gemm_w4a4_nvfp4" : "gemm_w4a4_int4";
+    const Gemm g = prepare_gemm(nvfp4, act, ascale, acorr, lora, wcodes, wscales, proj_up, bias, out_scale, N,
+                                out_dtype, parse_isa(isa_name, op), op);
+    parallel_ranges(g.tasks(), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) g.run_task(i);
     });
-    return out;
+    return g.out;
 }
 
 at::Tensor gemm_w4a4_int4(const at::Tensor& act, const at::Tensor& ascale, const at::Tensor& acorr,
@@ -287,6 +318,63 @@ at::Tensor gemm_w4a4_nvfp4(const at::Tensor& act, const at::Tensor& ascale, cons
                            const c10::optional<at::Tensor>& out_scale, int64_t N, at::ScalarType out_dtype,
                            const std::string& isa) {
     return gemm_w4a4(true, act, ascale, acorr, lora, wcodes, wscales, proj_up, bias, out_scale, N, out_dtype, isa);
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// The whole W4A4 layer in one call
+// ------------------------------------------------------------------------------------------------------------
+
+// quantize_act_* then gemm_w4a4_* (same kernels, same ranges, so the same bits) in one call and one parallel
+// region: the quantizer tasks and then the GEMM tasks are handed out from one counter, and a GEMM task first waits
+// until every quantizer task is done. They were all handed out before it, to threads that are running them, so
+// the wait always ends, whatever the number of threads. Saves the second Python call, the intermediate tuple and
+// the second start and join of the thread team (nunchaku_core/backend.py svdquant_linear calls this).
+at::Tensor svdquant_linear(bool nvfp4, const at::Tensor& x_in, const at::Tensor& smooth,
+                           const c10::optional<at::Tensor>& proj_down, bool shifted, const at::Tensor& wcodes,
+                           const at::Tensor& wscales, const at::Tensor& proj_up,
+                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out_scale,
+                           int64_t N, const std::string& isa_name) {
+    const char* op = nvfp4 ? "svdquant_linear_nvfp4" : "svdquant_linear_int4";
+    const Isa isa = parse_isa(isa_name, op);
+    const int64_t G = nvfp4 ? kGroupNvfp4 : kGroupInt4;
+    const at::Tensor x = x_in.contiguous();
+    QuantArgs q = quant_args(x, smooth, proj_down, G, op);
+    q.x = x.data_ptr();
+    q.shifted = shifted && !nvfp4;
+    const std::vector<at::Tensor> qout = quantize_outputs(q, G);
+    const c10::optional<at::Tensor> lora = q.R16 > 0 ? c10::optional<at::Tensor>(qout[3]) : c10::nullopt;
+    const Gemm g = prepare_gemm(nvfp4, qout[0], qout[1], qout[2], lora, wcodes, wscales, proj_up, bias, out_scale,
+                                N, x.scalar_type(), isa, op);
+    const QuantFn quantize = quant_fn(nvfp4, isa);
+    const int64_t rows = quant_task_rows(q.M), quant_tasks = ceil_div(q.M, rows);
+    std::atomic<int64_t> quantized{0};
+    parallel_ranges(quant_tasks + g.tasks(), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+            if (i < quant_tasks) {
+                quantize(q, i * rows, std::min(q.M, (i + 1) * rows));
+                quantized.fetch_add(1, std::memory_order_release);
+                continue;
+            }
+            while (quantized.load(std::memory_order_acquire) < quant_tasks) std::this_thread::yield();
+            g.run_task(i - quant_tasks);
+        }
+    });
+    return g.out;
+}
+
+at::Tensor svdquant_linear_int4(const at::Tensor& x, const at::Tensor& smooth,
+                                const c10::optional<at::Tensor>& proj_down, bool shifted, const at::Tensor& wcodes,
+                                const at::Tensor& wscales, const at::Tensor& proj_up,
+                                const c10::optional<at::Tensor>& bias, int64_t N, const std::string& isa) {
+    return svdquant_linear(false, x, smooth, proj_down, shifted, wcodes, wscales, proj_up, bias, c10::nullopt, N, isa);
+}
+
+at::Tensor svdquant_linear_nvfp4(const at::Tensor& x, const at::Tensor& smooth,
+                                 const c10::optional<at::Tensor>& proj_down, const at::Tensor& wcodes,
+                                 const at::Tensor& wscales, const at::Tensor& proj_up,
+                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out_scale,
+                                 int64_t N, const std::string& isa) {
+    return svdquant_linear(true, x, smooth, proj_down, false, wcodes, wscales, proj_up, bias, out_scale, N, isa);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -498,6 +586,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("gemm_w4a4_nvfp4", &gemm_w4a4_nvfp4, py::arg("act"), py::arg("ascale"), py::arg("acorr"), py::arg("lora"),
           py::arg("wcodes"), py::arg("wscales"), py::arg("proj_up"), py::arg("bias"), py::arg("out_scale"),
           py::arg("N"), py::arg("out_dtype"), py::arg("isa"));
+    m.def("svdquant_linear_int4", &svdquant_linear_int4, py::arg("x"), py::arg("smooth"), py::arg("proj_down"),
+          py::arg("shifted"), py::arg("wcodes"), py::arg("wscales"), py::arg("proj_up"), py::arg("bias"),
+          py::arg("N"), py::arg("isa"));
+    m.def("svdquant_linear_nvfp4", &svdquant_linear_nvfp4, py::arg("x"), py::arg("smooth"), py::arg("proj_down"),
+          py::arg("wcodes"), py::arg("wscales"), py::arg("proj_up"), py::arg("bias"), py::arg("out_scale"),
+          py::arg("N"), py::arg("isa"));
     m.def("gemm_w4a16", &gemm_w4a16, py::arg("x"), py::arg("wcodes"), py::arg("scales"), py::arg("zeros"),
           py::arg("bias"), py::arg("N"), py::arg("group_size"), py::arg("isa"));
     m.def("cpu_isa_supported", &cpu_isa_supported, py::arg("isa"));

@@ -253,7 +253,7 @@ def _cpu_input(x: torch.Tensor, packed: Packed) -> Optional[torch.Tensor]:
         _warn_once(f"dtype-{x.dtype}", f"CPU kernels take float32/bfloat16/float16 inputs, got {x.dtype}: "
                                        f"running the torch reference")
         return None
-    return x.reshape(-1, x.shape[-1])
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 def svdquant_linear(x: torch.Tensor, packed: Packed) -> torch.Tensor:
@@ -264,15 +264,14 @@ def svdquant_linear(x: torch.Tensor, packed: Packed) -> torch.Tensor:
             p: cpu_packing.CpuW4A4 = packed.kernel
             isa = cpu_isa()
             down = p.proj_down if p.R else None
+            # quantize_act_*_lowrank then gemm_w4a4_* in one call (csrc/bindings.cpp svdquant_linear)
             if p.precision == "int4":
-                act, ascale, acorr, lora = _C.quantize_act_int4_lowrank(x2, p.smooth, down, p.shifted, isa)
-                y = _C.gemm_w4a4_int4(act, ascale, acorr, lora if p.R else None, p.wcodes, p.wscales, p.proj_up,
-                                      p.bias, p.N, x.dtype, isa)
+                y = _C.svdquant_linear_int4(x2, p.smooth, down, p.shifted, p.wcodes, p.wscales, p.proj_up, p.bias,
+                                            p.N, isa)
             else:
-                act, ascale, acorr, lora, _ = _C.quantize_act_nvfp4_lowrank(x2, p.smooth, down, False, isa)
-                y = _C.gemm_w4a4_nvfp4(act, ascale, acorr, lora if p.R else None, p.wcodes, p.wscales, p.proj_up,
-                                       p.bias, p.out_scale, p.N, x.dtype, isa)
-            return y.reshape(*x.shape[:-1], p.N)
+                y = _C.svdquant_linear_nvfp4(x2, p.smooth, down, p.wcodes, p.wscales, p.proj_up, p.bias,
+                                             p.out_scale, p.N, isa)
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.N)
     if packed.backend == "cuda":
         x2 = _cuda_input(x)
         if x2 is not None:  # csrc/cuda/ops.cuh through csrc/bindings.cpp; never run on the project's machines

@@ -253,6 +253,47 @@ def test_w4a4_bitwise_across_runs_and_threads():
         assert torch.equal(r.view(torch.int32), results[0].view(torch.int32))
 
 
+def fused(x: torch.Tensor, p: cpu_packing.CpuW4A4, isa: str) -> torch.Tensor:
+    """_C.svdquant_linear_*: the quantizer and the GEMM in one call (what nunchaku_core.backend runs)."""
+    down = p.proj_down if p.R else None
+    if p.precision == "int4":
+        return _C.svdquant_linear_int4(x, p.smooth, down, p.shifted, p.wcodes, p.wscales, p.proj_up, p.bias, p.N, isa)
+    return _C.svdquant_linear_nvfp4(x, p.smooth, down, p.wcodes, p.wscales, p.proj_up, p.bias, p.out_scale, p.N, isa)
+
+
+@pytest.mark.parametrize("case", W4A4_CASES + [("int4", False, 1100, 40, 4096, 32), ("nvfp4", False, 300, 40, 256, 0)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_fused_layer_call_equals_quantize_then_gemm(case):
+    """One call, one parallel region (GEMM tasks wait for the quantizer tasks): the same bits as the two calls, for
+    every variant and thread count, in the input's dtype; M = 1100 has several quantizer tasks and row blocks."""
+    precision, shifted, M, N, K, R = case
+    layer = random_layer(precision, N, K, R, shifted, seed=7)
+    p = cpu_packing.pack_w4a4(layer)
+    x = random_input(M, K, shifted, torch.bfloat16, seed=8)
+    threads = torch.get_num_threads()
+    try:
+        for isa in ISAS:
+            y0 = gemm(quantize(x, p, isa), p, torch.bfloat16, isa)
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                y = fused(x, p, isa)
+                assert y.dtype == torch.bfloat16 and torch.equal(y.view(torch.int16), y0.view(torch.int16)), (isa, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fused_layer_call_empty_input_and_bad_layout():
+    layer = random_layer("int4", 40, 128, 16)
+    p = cpu_packing.pack_w4a4(layer)
+    assert fused(torch.randn(0, 128), p, ISAS[-1]).shape == (0, 40)
+    with pytest.raises(RuntimeError, match=r"svdquant_linear_int4: wcodes .*pack_w4a4"):
+        _C.svdquant_linear_int4(torch.randn(2, 128), p.smooth, p.proj_down, False, p.wcodes[:, :-1].contiguous(),
+                                p.wscales, p.proj_up, p.bias, 40, "ref")
+    with pytest.raises(RuntimeError, match="svdquant_linear_int4: K = 100 is not a multiple of the group size 64"):
+        _C.svdquant_linear_int4(torch.randn(2, 100), p.smooth, p.proj_down, False, p.wcodes, p.wscales, p.proj_up,
+                                p.bias, 40, "ref")
+
+
 @pytest.mark.parametrize("precision,shifted", [("int4", False), ("int4", True), ("nvfp4", False)])
 def test_w4a4_many_row_blocks_agree_bitwise(precision, shifted):
     """M large enough for several row blocks of tile_plan (K = 4096: 256 rows each, the last one partial), which
