@@ -84,10 +84,16 @@ static inline int32_t load_i32(const int8_t* p) {
 
 // Micro-row mr of the block (rows kMR·mr .. kMR·mr + MR - 1) against column blocks nb0 .. nb0 + NV - 1.
 template <Path P, int MR, int NV>
-static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr, int64_t nb0, const uint8_t* pf_l2) {
+static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr, int64_t nb0, int64_t pf_block) {
     constexpr int G = P == Path::kNvfp4 ? kGroupNvfp4 : kGroupInt4;
     constexpr int kSteps = G / kStepK;  // 64-byte chunks per group and column block
     const int64_t K = a.K, groups = K / G, block_bytes = (K / kStepK) * kChunkBytes;
+    // Column block pf_block (if >= 0) is pulled into L2 meanwhile, all of what a micro-kernel reads of it: one line
+    // of codes per step, one of scales per group, and ceil(R / groups) lines of the up-projection per group.
+    const uint8_t* pf_codes = pf_block >= 0 ? a.wcodes + pf_block * block_bytes : nullptr;
+    const float* pf_scales = a.wscales + pf_block * groups * kBlockN;
+    const float* pf_up = a.proj_up + pf_block * a.R * kBlockN;
+    const int64_t pf_up_lines = ceil_div(a.R, groups);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     // 2·e2m1 + 12 by code, in every 128-bit lane (vpshufb looks up within lanes).
     alignas(64) static constexpr uint8_t kTable[64] = {
@@ -107,6 +113,12 @@ static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr,
     for (int64_t g = 0; g < groups; ++g) {
         __m512i dot[MR][NV];
         _mm_prefetch(reinterpret_cast<const char*>(ap + g * G * kMR + kPrefetchActBytes), _MM_HINT_T0);
+        if (pf_codes != nullptr) {
+            _mm_prefetch(reinterpret_cast<const char*>(pf_scales + g * kBlockN), _MM_HINT_T1);
+            for (int64_t r = g * pf_up_lines; r < min_i64(a.R, (g + 1) * pf_up_lines); ++r) {
+                _mm_prefetch(reinterpret_cast<const char*>(pf_up + r * kBlockN), _MM_HINT_T1);
+            }
+        }
         for (int i = 0; i < MR; ++i) {
             const __m512i c = _mm512_set1_epi32(acp[g * kMR + i]);
             for (int v = 0; v < NV; ++v) dot[i][v] = c;
@@ -114,8 +126,7 @@ static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr,
 #pragma GCC unroll 8
         for (int s = 0; s < kSteps; ++s) {
             const int64_t k = g * G + s * kStepK;
-            // One line per chunk of another column block into L2 (pf_l2: the next tile's, see gemm_tiles).
-            if (pf_l2 != nullptr) _mm_prefetch(reinterpret_cast<const char*>(pf_l2 + (k / kStepK) * kChunkBytes), _MM_HINT_T1);
+            if (pf_codes != nullptr) _mm_prefetch(reinterpret_cast<const char*>(pf_codes + (k / kStepK) * kChunkBytes), _MM_HINT_T1);
             for (int v = 0; v < NV; ++v) {
                 const __m512i raw = _mm512_loadu_si512(wp[v] + (k / kStepK) * kChunkBytes);
                 _mm_prefetch(reinterpret_cast<const char*>(wp[v] + (k / kStepK + kPrefetchChunks) * kChunkBytes), _MM_HINT_T0);
@@ -173,10 +184,10 @@ static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr,
     }
 }
 
-// pf[0], pf[1]: column blocks to pull into L2 meanwhile (or null), one per micro-kernel call.
+// pf[0], pf[1]: column blocks to pull into L2 meanwhile (or -1), one per micro-kernel call.
 template <Path P, int MR>
 static inline void rows_kernel(const W4A4Args& a, const Rows& rows, int64_t mr, int64_t nb0, int64_t nblocks,
-                               const uint8_t* const* pf) {
+                               const int64_t* pf) {
     switch (nblocks) {
         case 1: micro_kernel<P, MR, 1>(a, rows, mr, nb0, pf[0]); break;
         case 2: micro_kernel<P, MR, 2>(a, rows, mr, nb0, pf[0]); break;
@@ -193,7 +204,7 @@ static inline void rows_kernel(const W4A4Args& a, const Rows& rows, int64_t mr, 
 
 template <Path P>
 static inline void micro_row(const W4A4Args& a, const Rows& rows, int64_t mr, int64_t count, int64_t nb0,
-                             int64_t nblocks, const uint8_t* const* pf) {
+                             int64_t nblocks, const int64_t* pf) {
     switch (count) {
         case 1: rows_kernel<P, 1>(a, rows, mr, nb0, nblocks, pf); break;
         case 2: rows_kernel<P, 2>(a, rows, mr, nb0, nblocks, pf); break;
@@ -290,20 +301,18 @@ struct RowBlock {
 template <bool kNvfp4>
 void gemm_tiles(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
     const TilePlan plan = tile_plan(a.M, a.N, a.K);
-    const int64_t NB = ceil_div(a.N, kBlockN), block_bytes = (a.K / kStepK) * kChunkBytes;
+    const int64_t NB = ceil_div(a.N, kBlockN);
     thread_local RowBlock block;
     for (int64_t t = tile_begin; t < tile_end; ++t) {
         const int64_t m0 = (t / plan.tiles_n) * plan.rows, m1 = min_i64(a.M, m0 + plan.rows);
         const int64_t nb0 = (t % plan.tiles_n) * kTileBlocks, nblocks = min_i64(kTileBlocks, NB - nb0);
-        const uint8_t* next[kTileBlocks] = {};
-        if (t + 1 < tile_end) {
-            const int64_t nn = ((t + 1) % plan.tiles_n) * kTileBlocks;
-            for (int v = 0; v < kTileBlocks; ++v) next[v] = nn + v < NB ? a.wcodes + (nn + v) * block_bytes : nullptr;
-        }
+        int64_t next[kTileBlocks];  // the next tile's column blocks, -1 past N or at the end of the run
+        const int64_t nn = ((t + 1) % plan.tiles_n) * kTileBlocks;
+        for (int v = 0; v < kTileBlocks; ++v) next[v] = t + 1 < tile_end && nn + v < NB ? nn + v : -1;
         if (block.call != a.call || block.rows.m0 != m0) block.build(a, kNvfp4, m0, m1 - m0);
-        const uint8_t* none[2] = {nullptr, nullptr};
+        const int64_t none[2] = {-1, -1};
         for (int64_t mr = 0; mr < block.rows.micro.n; ++mr) {
-            const uint8_t* const* pf = mr == 1 ? next : mr == 2 ? next + 2 : none;
+            const int64_t* pf = mr == 1 ? next : mr == 2 ? next + 2 : none;
             const int64_t count = block.rows.micro.size(mr);
             if (kNvfp4) {
                 micro_row<Path::kNvfp4>(a, block.rows, mr, count, nb0, nblocks, pf);
