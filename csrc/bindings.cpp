@@ -72,6 +72,19 @@ void check(const at::Tensor& t, const char* op, const char* name, at::ScalarType
     TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (", hint, ")");
 }
 
+// As check, for the arrays the kernels take in any of fp32/bf16/fp16 (nunchaku_core/cpu_packing.py stores each in
+// the narrowest of them that holds its values exactly); returns its DType.
+DType check_float(const at::Tensor& t, const char* op, const char* name, std::vector<int64_t> shape,
+                  const char* hint) {
+    const at::ScalarType s = t.scalar_type();
+    const bool ok = s == at::kFloat || s == at::kBFloat16 || s == at::kHalf;
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(), ", expected cpu");
+    TORCH_CHECK(ok && t.sizes().vec() == shape, op, ": ", name, " is ", s, " ", t.sizes(), ", expected float32, ",
+                "bfloat16 or float16 ", at::IntArrayRef(shape), " (", hint, ")");
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (", hint, ")");
+    return to_dtype(s, op, name);
+}
+
 const float* opt_ptr(const c10::optional<at::Tensor>& t) {
     return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
@@ -156,12 +169,12 @@ QuantArgs quant_args(const at::Tensor& x, const at::Tensor& smooth, const c10::o
     a.smooth = smooth.data_ptr<float>();
     if (proj_down.has_value()) {
         const at::Tensor& d = *proj_down;
-        TORCH_CHECK(d.dim() == 2 && d.size(1) % kRankAlign == 0, op, ": proj_down must be fp32 [K, R16] with R16 a ",
+        TORCH_CHECK(d.dim() == 2 && d.size(1) % kRankAlign == 0, op, ": proj_down must be [K, R16] with R16 a ",
                     "multiple of ", kRankAlign, ", got ", d.sizes());
         TORCH_CHECK(d.size(1) <= kMaxRank16, op, ": rank ", d.size(1), " exceeds the CPU kernels' limit ", kMaxRank16,
                     "; use backend 'reference'");
-        check(d, op, "proj_down", at::kFloat, {K, d.size(1)}, "fp32 [K, roundup(R, 16)], cpu_packing.pack_w4a4");
-        a.proj_down = d.data_ptr<float>();
+        a.down_dtype = check_float(d, op, "proj_down", {K, d.size(1)}, "[K, roundup(R, 16)], cpu_packing.pack_w4a4");
+        a.proj_down = d.data_ptr();
         a.R16 = d.size(1);
     }
     return a;
@@ -243,12 +256,12 @@ Gemm prepare_gemm(bool nvfp4, const at::Tensor& act, const at::Tensor& ascale, c
     check(ascale, op, "ascale", at::kFloat, {M, K / G}, "quantize_act_* output");
     check(acorr, op, "acorr", at::kInt, {M, K / G}, "quantize_act_* output");
     check(wcodes, op, "wcodes", at::kByte, {NB, K / kStepK, kChunkBytes}, pk);
-    check(wscales, op, "wscales", at::kFloat, {NB, K / G, kBlockN}, pk);
-    TORCH_CHECK(proj_up.dim() == 3, op, ": proj_up must be fp32 [NB, R, 16], got ", proj_up.sizes());
+    TORCH_CHECK(proj_up.dim() == 3, op, ": proj_up must be [NB, R, 16], got ", proj_up.sizes());
     const int64_t R = proj_up.size(1);
-    check(proj_up, op, "proj_up", at::kFloat, {NB, R, kBlockN}, pk);
     Gemm g;
     W4A4Args& a = g.a;
+    a.wscales_dtype = check_float(wscales, op, "wscales", {NB, K / G, kBlockN}, pk);
+    a.up_dtype = check_float(proj_up, op, "proj_up", {NB, R, kBlockN}, pk);
     if (R > 0) {
         TORCH_CHECK(lora.has_value(), op, ": rank ", R, " needs the lora output of quantize_act_*");
         TORCH_CHECK(lora->dim() == 2 && lora->size(1) >= R, op, ": lora must be fp32 [M, R16 >= ", R, "], got ",
@@ -268,8 +281,8 @@ Gemm prepare_gemm(bool nvfp4, const at::Tensor& act, const at::Tensor& ascale, c
     a.K = K;
     a.R = R;
     a.wcodes = wcodes.data_ptr<uint8_t>();
-    a.wscales = wscales.data_ptr<float>();
-    a.proj_up = proj_up.data_ptr<float>();
+    a.wscales = wscales.data_ptr();
+    a.proj_up = proj_up.data_ptr();
     a.bias = opt_ptr(bias);
     a.out_scale = opt_ptr(out_scale);
     a.out = g.out.data_ptr();

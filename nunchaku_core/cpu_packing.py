@@ -11,11 +11,15 @@ W4A4 (SVDQuantLayer, INT4 and NVFP4):
             The low nibbles of a chunk are one vpdpbusd operand (column c = dword c, four inputs per dword), the
             high nibbles the next. Nibble = w + 8 for INT4 (unsigned 0..15); the raw e2m1 code for NVFP4 (the
             kernel maps it to 2·value + 12). Columns past N: INT4 nibble 8 (w = 0), NVFP4 code 0.
-  wscales   fp32 [NB, K/G, 16]: (nb, g, c) = scale of column 16·nb + c in group g. NVFP4: 0.25 · e4m3 scale (exact;
+  wscales   [NB, K/G, 16]: (nb, g, c) = scale of column 16·nb + c in group g. NVFP4: 0.25 · e4m3 scale (exact;
             the kernel's integer dot of doubled e2m1 values is 4x the true one). Padding 0.
-  smooth    fp32 [K]; proj_down fp32 [K, R16] (zero columns past R); proj_up fp32 [NB, R, 16] ((nb, r, c) =
+  smooth    fp32 [K]; proj_down [K, R16] (zero columns past R); proj_up [NB, R, 16] ((nb, r, c) =
             U[16·nb + c, r], padding 0); bias fp32 [NB·16] (padding 0) or None; out_scale fp32 [NB·16]
             (NVFP4 wcscales·wtscale, computed as reference.output_scale does; padding 1) or None.
+  wscales, proj_down and proj_up are stored in the narrowest of bf16, fp16 and fp32 that holds all their values
+  exactly (`narrowest_exact`): bf16 for bf16 checkpoints and NVFP4 scales, fp32 for LoRA-extended branches. The
+  kernels widen them to the same fp32 values, so the outputs do not depend on it; a cold M = 1 layer reads
+  their bytes from memory beside the 4-bit codes (3072 x 3072: 1.4 MB in fp32, 0.7 MB in bf16, codes 4.7 MB).
 W4A16 (W4A16Layer):
   wcodes    uint8 [NB, ceil(K/8), 64]. Chunk (nb, s): byte 16·j + c (j = 0..3, c = 0..15): low nibble =
             (n = 16·nb + c, k = 8·s + 2·j), high nibble = (n, k = 8·s + 2·j + 1). Unsigned codes; 0 past N and K.
@@ -93,6 +97,16 @@ class CpuW4A16:
     bias: Optional[torch.Tensor]
 
 
+def narrowest_exact(t: torch.Tensor) -> torch.Tensor:
+    """t (fp32 values) as bf16, else fp16, else fp32: the first of them that round-trips every value exactly."""
+    t = t.float()
+    for dtype in (torch.bfloat16, torch.float16):
+        narrow = t.to(dtype)
+        if torch.equal(narrow.float(), t):
+            return narrow.contiguous()
+    return t.contiguous()
+
+
 def pack_w4a4(layer: SVDQuantLayer) -> CpuW4A4:
     """SVDQuantLayer -> the CPU kernels' layout (module docstring). Tensors go to the CPU."""
     layer = layer.validate()
@@ -107,7 +121,7 @@ def pack_w4a4(layer: SVDQuantLayer) -> CpuW4A4:
     wscales = layer.wscales.cpu().float()
     if layer.precision == "nvfp4":
         wscales = wscales * 0.25
-    wscales = _blocked(_pad_rows(wscales, NB * BLOCK_N), NB)
+    wscales = narrowest_exact(_blocked(_pad_rows(wscales, NB * BLOCK_N), NB))
     proj_down, proj_up, bias = _pack_lowrank_bias(layer, NB)
     out_scale = None
     if layer.wtscale is not None or layer.wcscales is not None:
@@ -117,12 +131,14 @@ def pack_w4a4(layer: SVDQuantLayer) -> CpuW4A4:
 
 
 def _pack_lowrank_bias(layer: SVDQuantLayer, NB: int) -> tuple:
-    """proj_down [K, R16], proj_up [NB, R, 16] and bias [NB·16] (or None) in the layout above, fp32."""
+    """proj_down [K, R16], proj_up [NB, R, 16] (narrowest_exact) and bias [NB·16] fp32 (or None) in the layout
+    above."""
     K, R = layer.K, layer.R
     R16 = _ceil_div(R, RANK_ALIGN) * RANK_ALIGN
     proj_down = torch.zeros(K, R16)
     proj_down[:, :R] = layer.proj_down.cpu().float()
-    proj_up = _blocked(_pad_rows(layer.proj_up.cpu().float(), NB * BLOCK_N), NB)
+    proj_down = narrowest_exact(proj_down)
+    proj_up = narrowest_exact(_blocked(_pad_rows(layer.proj_up.cpu().float(), NB * BLOCK_N), NB))
     bias = None if layer.bias is None else _pad_rows(layer.bias.cpu().float(), NB * BLOCK_N)
     return proj_down, proj_up, bias
 
@@ -150,12 +166,12 @@ def unpack_w4a4_codes(p: CpuW4A4) -> torch.Tensor:
 
 def unpack_w4a4_scales(p: CpuW4A4) -> torch.Tensor:
     """Inverse of the scale packing: [N, K/G] fp32 (NVFP4: the e4m3 value, the 0.25 undone)."""
-    s = _unblocked(p.wscales, p.N)
+    s = _unblocked(p.wscales.float(), p.N)
     return s * 4.0 if p.precision == "nvfp4" else s
 
 
 def unpack_w4a4_proj_up(p: CpuW4A4) -> torch.Tensor:
-    return _unblocked(p.proj_up, p.N)
+    return _unblocked(p.proj_up.float(), p.N)
 
 
 def pack_w4a16(layer: W4A16Layer) -> CpuW4A16:

@@ -282,6 +282,31 @@ def test_fused_layer_call_equals_quantize_then_gemm(case):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+@pytest.mark.parametrize("src", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_narrow_stored_scales_and_branch_give_the_same_bits(isa, precision, src):
+    """cpu_packing stores wscales, proj_down and proj_up as bf16, fp16 or fp32 (narrowest_exact); every variant
+    widens them to the same fp32 values, so its codes, lora and outputs equal those of an all-fp32 packing."""
+    layer = random_layer(precision, 40, 192, 20, seed=9)
+    g = torch.Generator().manual_seed(10)
+    wide = lambda t: t.float() * (1 + torch.rand(t.shape, generator=g) * 1e-3)  # not bf16/fp16-exact
+    changes = dict(proj_down=wide(layer.proj_down).to(src), proj_up=wide(layer.proj_up).to(src))
+    if precision == "int4":
+        changes["wscales"] = wide(layer.wscales).to(src)
+    layer = dataclasses.replace(layer, **changes).validate()
+    p = cpu_packing.pack_w4a4(layer)
+    expect = torch.bfloat16 if precision == "nvfp4" else src  # NVFP4 scales: 0.25·e4m3 fits bf16
+    assert p.wscales.dtype == expect and p.proj_down.dtype == src and p.proj_up.dtype == src
+    p32 = dataclasses.replace(p, wscales=p.wscales.float(), proj_down=p.proj_down.float(), proj_up=p.proj_up.float())
+    x = random_input(17, 192, False, torch.bfloat16, seed=11)
+    for a, b in zip(quantize(x, p, isa), quantize(x, p32, isa)):
+        assert torch.equal(a, b)
+    y, y32 = fused(x, p, isa), fused(x, p32, isa)
+    assert torch.equal(y.view(torch.int16), y32.view(torch.int16))
+    assert torch.equal(gemm(quantize(x, p, isa), p, torch.float32, isa),
+                       gemm(quantize(x, p32, isa), p32, torch.float32, isa))
+
+
 def test_fused_layer_call_empty_input_and_bad_layout():
     layer = random_layer("int4", 40, 128, 16)
     p = cpu_packing.pack_w4a4(layer)
@@ -289,6 +314,9 @@ def test_fused_layer_call_empty_input_and_bad_layout():
     with pytest.raises(RuntimeError, match=r"svdquant_linear_int4: wcodes .*pack_w4a4"):
         _C.svdquant_linear_int4(torch.randn(2, 128), p.smooth, p.proj_down, False, p.wcodes[:, :-1].contiguous(),
                                 p.wscales, p.proj_up, p.bias, 40, "ref")
+    with pytest.raises(RuntimeError, match=r"svdquant_linear_int4: wscales is Int .*float32, bfloat16 or float16"):
+        _C.svdquant_linear_int4(torch.randn(2, 128), p.smooth, p.proj_down, False, p.wcodes, p.wscales.int(),
+                                p.proj_up, p.bias, 40, "ref")
     with pytest.raises(RuntimeError, match="svdquant_linear_int4: K = 100 is not a multiple of the group size 64"):
         _C.svdquant_linear_int4(torch.randn(2, 100), p.smooth, p.proj_down, False, p.wcodes, p.wscales, p.proj_up,
                                 p.bias, 40, "ref")

@@ -65,6 +65,8 @@ static inline uint16_t float_to_half(float f) {
     return sign | uint16_t(r >> 13);
 }
 
+static inline int64_t dtype_bytes(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
 static inline float load_as_float(const void* p, DType t, int64_t i) {
     switch (t) {
         case DType::kFloat32: return static_cast<const float*>(p)[i];

@@ -57,7 +57,7 @@ static inline void micro_kernel(const W4A4Args& a, int64_t m0, int64_t nb) {
             const __m256 as = _mm256_set1_ps(a.ascale[(m0 + i) * groups + g]);
             for (int h = 0; h < 2; ++h) {
                 const __m256i dot = _mm256_add_epi32(corr, _mm256_madd_epi16(s16[i][h], ones));
-                const __m256 ws = _mm256_loadu_ps(a.wscales + (nb * groups + g) * kBlockN + 8 * h);
+                const __m256 ws = load8(a.wscales, a.wscales_dtype, (nb * groups + g) * kBlockN + 8 * h);
                 const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), as);
                 _mm256_store_ps(&acc[i][8 * h], _mm256_fmadd_ps(t, ws, _mm256_load_ps(&acc[i][8 * h])));
             }
@@ -73,7 +73,7 @@ static inline void micro_kernel(const W4A4Args& a, int64_t m0, int64_t nb) {
             for (int i = 0; i < MR; ++i) y[i] = _mm256_mul_ps(y[i], os);
         }
         for (int64_t r = 0; r < a.R; ++r) {
-            const __m256 u = _mm256_loadu_ps(a.proj_up + (nb * a.R + r) * kBlockN + 8 * h);
+            const __m256 u = load8(a.proj_up, a.up_dtype, (nb * a.R + r) * kBlockN + 8 * h);
             for (int i = 0; i < MR; ++i) y[i] = _mm256_fmadd_ps(_mm256_set1_ps(a.lora[(m0 + i) * a.R16 + r]), u, y[i]);
         }
         if (a.bias != nullptr) {

@@ -91,8 +91,9 @@ static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr,
     // Column block pf_block (if >= 0) is pulled into L2 meanwhile, all of what a micro-kernel reads of it: one line
     // of codes per step, one of scales per group, and ceil(R / groups) lines of the up-projection per group.
     const uint8_t* pf_codes = pf_block >= 0 ? a.wcodes + pf_block * block_bytes : nullptr;
-    const float* pf_scales = a.wscales + pf_block * groups * kBlockN;
-    const float* pf_up = a.proj_up + pf_block * a.R * kBlockN;
+    const char* pf_scales = static_cast<const char*>(a.wscales) + pf_block * groups * kBlockN * dtype_bytes(a.wscales_dtype);
+    const char* pf_up = static_cast<const char*>(a.proj_up) + pf_block * a.R * kBlockN * dtype_bytes(a.up_dtype);
+    const int64_t scale_line = kBlockN * dtype_bytes(a.wscales_dtype), up_line = kBlockN * dtype_bytes(a.up_dtype);
     const int64_t pf_up_lines = ceil_div(a.R, groups);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     // 2·e2m1 + 12 by code, in every 128-bit lane (vpshufb looks up within lanes).
@@ -114,9 +115,9 @@ static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr,
         __m512i dot[MR][NV];
         _mm_prefetch(reinterpret_cast<const char*>(ap + g * G * kMR + kPrefetchActBytes), _MM_HINT_T0);
         if (pf_codes != nullptr) {
-            _mm_prefetch(reinterpret_cast<const char*>(pf_scales + g * kBlockN), _MM_HINT_T1);
+            _mm_prefetch(pf_scales + g * scale_line, _MM_HINT_T1);
             for (int64_t r = g * pf_up_lines; r < min_i64(a.R, (g + 1) * pf_up_lines); ++r) {
-                _mm_prefetch(reinterpret_cast<const char*>(pf_up + r * kBlockN), _MM_HINT_T1);
+                _mm_prefetch(pf_up + r * up_line, _MM_HINT_T1);
             }
         }
         for (int i = 0; i < MR; ++i) {
@@ -149,7 +150,7 @@ static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr,
             }
         }
         __m512 ws[NV];
-        for (int v = 0; v < NV; ++v) ws[v] = _mm512_loadu_ps(a.wscales + ((nb0 + v) * groups + g) * kBlockN);
+        for (int v = 0; v < NV; ++v) ws[v] = load16(a.wscales, a.wscales_dtype, ((nb0 + v) * groups + g) * kBlockN);
         for (int i = 0; i < MR; ++i) {
             const __m512 as = _mm512_set1_ps(asp[g * kMR + i]);
             for (int v = 0; v < NV; ++v) {
@@ -167,7 +168,7 @@ static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr,
     }
     for (int64_t r = 0; r < a.R; ++r) {
         for (int v = 0; v < NV; ++v) {
-            const __m512 u = _mm512_loadu_ps(a.proj_up + ((nb0 + v) * a.R + r) * kBlockN);
+            const __m512 u = load16(a.proj_up, a.up_dtype, ((nb0 + v) * a.R + r) * kBlockN);
             for (int i = 0; i < MR; ++i) {
                 acc[i][v] = _mm512_fmadd_ps(_mm512_set1_ps(a.lora[(m0 + i) * a.R16 + r]), u, acc[i][v]);
             }

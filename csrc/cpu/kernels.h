@@ -28,7 +28,8 @@ struct QuantArgs {
     int64_t M, K, ldx;
     const float* smooth;    // [K]
     bool shifted;           // int4 only
-    const float* proj_down; // [K, R16] or null
+    const void* proj_down;  // [K, R16] or null, fp32/bf16/fp16 (down_dtype; widened to fp32 exactly)
+    DType down_dtype;
     int64_t R16;
     int8_t* act;            // [M, K]
     float* ascale;          // [M, K/G]
@@ -48,8 +49,10 @@ struct W4A4Args {
     const float* lora;       // [M, R16] or null when R == 0
     int64_t M, N, K, R, R16;
     const uint8_t* wcodes;   // [NB, K/8, 64]
-    const float* wscales;    // [NB, K/G, 16]
-    const float* proj_up;    // [NB, R, 16]
+    const void* wscales;     // [NB, K/G, 16], fp32/bf16/fp16 (wscales_dtype; widened to fp32 exactly)
+    DType wscales_dtype;
+    const void* proj_up;     // [NB, R, 16], fp32/bf16/fp16 (up_dtype)
+    DType up_dtype;
     const float* bias;       // [NB*16] or null
     const float* out_scale;  // [NB*16] or null (nvfp4 wtscale*wcscales)
     void* out;               // [M, N] row-major, out_dtype

@@ -77,15 +77,17 @@ static inline int32_t quantize_group_nvfp4(const float* xf, const float* smooth,
     return hsum8_i32(sum);
 }
 
-// lacc[i][r0 .. r0+16) continues each output's fma chain over the chunk's k.
-static inline void lora_chunk(const float (*xf)[kChunk], int kc, const float* D, int64_t R16, float (*lacc)[kMaxRank16],
+// lacc[i][r0 .. r0+16) continues each output's fma chain over the chunk's k. D: the chunk's rows of proj_down in
+// dtype DT (widened exactly; a template argument, out of the inner loop).
+template <DType DT>
+static inline void lora_chunk(const float (*xf)[kChunk], int kc, const void* D, int64_t R16, float (*lacc)[kMaxRank16],
                               int64_t r0) {
     __m256 acc[kRows][2];
     for (int i = 0; i < kRows; ++i)
         for (int v = 0; v < 2; ++v) acc[i][v] = _mm256_loadu_ps(&lacc[i][r0 + 8 * v]);
     for (int k = 0; k < kc; ++k) {
         for (int v = 0; v < 2; ++v) {
-            const __m256 d = _mm256_loadu_ps(D + k * R16 + r0 + 8 * v);
+            const __m256 d = load8(D, DT, k * R16 + r0 + 8 * v);
             for (int i = 0; i < kRows; ++i) acc[i][v] = _mm256_fmadd_ps(_mm256_set1_ps(xf[i][k]), d, acc[i][v]);
         }
     }
@@ -109,7 +111,14 @@ void quantize_rows(const QuantArgs& a, int64_t m0, int rows) {
         }
         quantize_chunk_groups<kNvfp4, quantize_group_int4, quantize_group_nvfp4, kChunk>(a, xf, m0, rows, k0, kc);
         if (a.lora == nullptr) continue;
-        for (int64_t r0 = 0; r0 < a.R16; r0 += 16) lora_chunk(xf, kc, a.proj_down + k0 * a.R16, a.R16, lacc, r0);
+        const void* D = static_cast<const char*>(a.proj_down) + k0 * a.R16 * dtype_bytes(a.down_dtype);
+        for (int64_t r0 = 0; r0 < a.R16; r0 += 16) {
+            switch (a.down_dtype) {
+                case DType::kFloat32: lora_chunk<DType::kFloat32>(xf, kc, D, a.R16, lacc, r0); break;
+                case DType::kBFloat16: lora_chunk<DType::kBFloat16>(xf, kc, D, a.R16, lacc, r0); break;
+                default: lora_chunk<DType::kFloat16>(xf, kc, D, a.R16, lacc, r0); break;
+            }
+        }
     }
     if (a.lora != nullptr) {
         for (int i = 0; i < rows; ++i)

@@ -83,20 +83,31 @@ static inline int32_t quantize_group_nvfp4(const float* xf, const float* smooth,
 }
 
 // lacc[i][r0 .. r0+16·RV) += fma chain over the chunk's k of xf[i][k]·D[k][r] (continuing each output's chain).
-template <int RV>
-static inline void lora_chunk(const float (*xf)[kChunk], int kc, const float* D, int64_t R16, float (*lacc)[kMaxRank16],
+// D: the chunk's rows of proj_down, in dtype DT (widened exactly; a template argument, out of the inner loop).
+template <int RV, DType DT>
+static inline void lora_chunk(const float (*xf)[kChunk], int kc, const void* D, int64_t R16, float (*lacc)[kMaxRank16],
                               int64_t r0) {
     __m512 acc[kRows][RV];
     for (int i = 0; i < kRows; ++i)
         for (int v = 0; v < RV; ++v) acc[i][v] = _mm512_loadu_ps(&lacc[i][r0 + 16 * v]);
     for (int k = 0; k < kc; ++k) {
         for (int v = 0; v < RV; ++v) {
-            const __m512 d = _mm512_loadu_ps(D + k * R16 + r0 + 16 * v);
+            const __m512 d = load16(D, DT, k * R16 + r0 + 16 * v);
             for (int i = 0; i < kRows; ++i) acc[i][v] = _mm512_fmadd_ps(_mm512_set1_ps(xf[i][k]), d, acc[i][v]);
         }
     }
     for (int i = 0; i < kRows; ++i)
         for (int v = 0; v < RV; ++v) _mm512_storeu_ps(&lacc[i][r0 + 16 * v], acc[i][v]);
+}
+
+template <int RV>
+static inline void lora_chunk_any(const float (*xf)[kChunk], int kc, const void* D, DType dt, int64_t R16,
+                                  float (*lacc)[kMaxRank16], int64_t r0) {
+    switch (dt) {
+        case DType::kFloat32: lora_chunk<RV, DType::kFloat32>(xf, kc, D, R16, lacc, r0); break;
+        case DType::kBFloat16: lora_chunk<RV, DType::kBFloat16>(xf, kc, D, R16, lacc, r0); break;
+        default: lora_chunk<RV, DType::kFloat16>(xf, kc, D, R16, lacc, r0); break;
+    }
 }
 
 // Rows [m0, m0 + rows), rows <= kBlockRows, in chunks of kChunk inputs. Each chunk is handled four rows at a time
@@ -121,14 +132,14 @@ void quantize_rows(const QuantArgs& a, int64_t m0, int rows) {
             }
             quantize_chunk_groups<kNvfp4, quantize_group_int4, quantize_group_nvfp4, kChunk>(a, xf, m0 + q, n, k0, kc);
             if (a.lora == nullptr) continue;
-            const float* D = a.proj_down + k0 * a.R16;
+            const void* D = static_cast<const char*>(a.proj_down) + k0 * a.R16 * dtype_bytes(a.down_dtype);
             float(*la)[kMaxRank16] = lacc + q;  // rows q+n.. (zero x) are never stored
             for (int64_t r0 = 0; r0 < a.R16; r0 += 64) {
                 switch (min_i64(4, (a.R16 - r0) / 16)) {
-                    case 1: lora_chunk<1>(xf, kc, D, a.R16, la, r0); break;
-                    case 2: lora_chunk<2>(xf, kc, D, a.R16, la, r0); break;
-                    case 3: lora_chunk<3>(xf, kc, D, a.R16, la, r0); break;
-                    default: lora_chunk<4>(xf, kc, D, a.R16, la, r0); break;
+                    case 1: lora_chunk_any<1>(xf, kc, D, a.down_dtype, a.R16, la, r0); break;
+                    case 2: lora_chunk_any<2>(xf, kc, D, a.down_dtype, a.R16, la, r0); break;
+                    case 3: lora_chunk_any<3>(xf, kc, D, a.down_dtype, a.R16, la, r0); break;
+                    default: lora_chunk_any<4>(xf, kc, D, a.down_dtype, a.R16, la, r0); break;
                 }
             }
         }

@@ -18,7 +18,7 @@ void lora_down_row(const QuantArgs& a, int64_t m) {
     for (int64_t r = 0; r < a.R16; ++r) {
         float acc = 0.0f;
         for (int64_t k = 0; k < a.K; ++k) {
-            acc = std::fma(load_as_float(a.x, a.xdtype, m * a.ldx + k), a.proj_down[k * a.R16 + r], acc);
+            acc = std::fma(load_as_float(a.x, a.xdtype, m * a.ldx + k), load_as_float(a.proj_down, a.down_dtype, k * a.R16 + r), acc);
         }
         a.lora[m * a.R16 + r] = acc;
     }
