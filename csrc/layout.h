@@ -12,10 +12,12 @@
 //   8-15) the same way. INT4 nibbles hold w + 8 (unsigned 0..15); NVFP4 nibbles hold the raw e2m1 code,
 //   which the kernels map through a 16-entry table to 2*value + 12 (unsigned 0..24). Padded columns: INT4
 //   nibble 8 (w = 0), NVFP4 code 0.
-// W4A4 weight scales: fp32 [NB, K/G, 16], element (nb, g, c) = scale of column 16*nb + c, group g. NVFP4
+// W4A4 weight scales: [NB, K/G, 16], element (nb, g, c) = scale of column 16*nb + c, group g. NVFP4
 //   scales are stored as 0.25 * e4m3 value (exact), folding the 1/4 of the doubled codes. Padding: 0.
-// Low-rank up-projection U: fp32 [NB, R, 16], element (nb, r, c) = U[16*nb + c, r]. Padding: 0.
-// Low-rank down-projection D: fp32 [K, R16], R16 = roundup(R, 16), zero-padded columns.
+// Low-rank up-projection U: [NB, R, 16], element (nb, r, c) = U[16*nb + c, r]. Padding: 0.
+// Low-rank down-projection D: [K, R16], R16 = roundup(R, 16), zero-padded columns.
+//   These three are bf16, fp16 or fp32 (each the narrowest that holds its values exactly, cpu_packing
+//   narrowest_exact; kernels.h W4A4Args/QuantArgs carry the dtype) and are widened to fp32 exactly on load.
 // Bias, per-channel output scale (NVFP4 wtscale*wcscales): fp32 [NB*16]; padding 0 (bias) / 1 (scale).
 //
 // Activations (written by quantize_act_*, read by gemm_w4a4_*), row-major:
