@@ -83,7 +83,8 @@ static inline int32_t load_i32(const int8_t* p) {
 }
 
 // Micro-row mr of the block (rows kMR·mr .. kMR·mr + MR - 1) against column blocks nb0 .. nb0 + NV - 1.
-template <Path P, int MR, int NV>
+// WS: the dtype of the weight scales (bf16 or fp32), a template argument so that the group loop carries no switch.
+template <Path P, DType WS, int MR, int NV>
 static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr, int64_t nb0, int64_t pf_block) {
     constexpr int G = P == Path::kNvfp4 ? kGroupNvfp4 : kGroupInt4;
     constexpr int kSteps = G / kStepK;  // 64-byte chunks per group and column block
@@ -150,7 +151,7 @@ static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr,
             }
         }
         __m512 ws[NV];
-        for (int v = 0; v < NV; ++v) ws[v] = load16(a.wscales, a.wscales_dtype, ((nb0 + v) * groups + g) * kBlockN);
+        for (int v = 0; v < NV; ++v) ws[v] = load16(a.wscales, WS, ((nb0 + v) * groups + g) * kBlockN);
         for (int i = 0; i < MR; ++i) {
             const __m512 as = _mm512_set1_ps(asp[g * kMR + i]);
             for (int v = 0; v < NV; ++v) {
@@ -186,33 +187,33 @@ static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr,
 }
 
 // pf[0], pf[1]: column blocks to pull into L2 meanwhile (or -1), one per micro-kernel call.
-template <Path P, int MR>
+template <Path P, DType WS, int MR>
 static inline void rows_kernel(const W4A4Args& a, const Rows& rows, int64_t mr, int64_t nb0, int64_t nblocks,
                                const int64_t* pf) {
     switch (nblocks) {
-        case 1: micro_kernel<P, MR, 1>(a, rows, mr, nb0, pf[0]); break;
-        case 2: micro_kernel<P, MR, 2>(a, rows, mr, nb0, pf[0]); break;
+        case 1: micro_kernel<P, WS, MR, 1>(a, rows, mr, nb0, pf[0]); break;
+        case 2: micro_kernel<P, WS, MR, 2>(a, rows, mr, nb0, pf[0]); break;
         case 3:
-            micro_kernel<P, MR, 2>(a, rows, mr, nb0, pf[0]);
-            micro_kernel<P, MR, 1>(a, rows, mr, nb0 + 2, pf[1]);
+            micro_kernel<P, WS, MR, 2>(a, rows, mr, nb0, pf[0]);
+            micro_kernel<P, WS, MR, 1>(a, rows, mr, nb0 + 2, pf[1]);
             break;
         default:
-            micro_kernel<P, MR, 2>(a, rows, mr, nb0, pf[0]);
-            micro_kernel<P, MR, 2>(a, rows, mr, nb0 + 2, pf[1]);
+            micro_kernel<P, WS, MR, 2>(a, rows, mr, nb0, pf[0]);
+            micro_kernel<P, WS, MR, 2>(a, rows, mr, nb0 + 2, pf[1]);
             break;
     }
 }
 
-template <Path P>
+template <Path P, DType WS>
 static inline void micro_row(const W4A4Args& a, const Rows& rows, int64_t mr, int64_t count, int64_t nb0,
                              int64_t nblocks, const int64_t* pf) {
     switch (count) {
-        case 1: rows_kernel<P, 1>(a, rows, mr, nb0, nblocks, pf); break;
-        case 2: rows_kernel<P, 2>(a, rows, mr, nb0, nblocks, pf); break;
-        case 3: rows_kernel<P, 3>(a, rows, mr, nb0, nblocks, pf); break;
-        case 4: rows_kernel<P, 4>(a, rows, mr, nb0, nblocks, pf); break;
-        case 5: rows_kernel<P, 5>(a, rows, mr, nb0, nblocks, pf); break;
-        default: rows_kernel<P, 6>(a, rows, mr, nb0, nblocks, pf); break;
+        case 1: rows_kernel<P, WS, 1>(a, rows, mr, nb0, nblocks, pf); break;
+        case 2: rows_kernel<P, WS, 2>(a, rows, mr, nb0, nblocks, pf); break;
+        case 3: rows_kernel<P, WS, 3>(a, rows, mr, nb0, nblocks, pf); break;
+        case 4: rows_kernel<P, WS, 4>(a, rows, mr, nb0, nblocks, pf); break;
+        case 5: rows_kernel<P, WS, 5>(a, rows, mr, nb0, nblocks, pf); break;
+        default: rows_kernel<P, WS, 6>(a, rows, mr, nb0, nblocks, pf); break;
     }
 }
 
@@ -299,7 +300,7 @@ struct RowBlock {
 // Tiles [tile_begin, tile_end) in order. Only a tile's first micro-row reads its weights from L3 or memory (the
 // later ones hit L2), so at small M the weight stream and the compute took turns: the second and third micro-rows
 // now pull the next tile's four column blocks into L2 (one line per chunk, prefetcht1), overlapping the two.
-template <bool kNvfp4>
+template <bool kNvfp4, DType WS>
 void gemm_tiles(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
     const TilePlan plan = tile_plan(a.M, a.N, a.K);
     const int64_t NB = ceil_div(a.N, kBlockN);
@@ -316,11 +317,11 @@ void gemm_tiles(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
             const int64_t* pf = mr == 1 ? next : mr == 2 ? next + 2 : none;
             const int64_t count = block.rows.micro.size(mr);
             if (kNvfp4) {
-                micro_row<Path::kNvfp4>(a, block.rows, mr, count, nb0, nblocks, pf);
+                micro_row<Path::kNvfp4, WS>(a, block.rows, mr, count, nb0, nblocks, pf);
             } else if (block.x16) {
-                micro_row<Path::kInt4x16>(a, block.rows, mr, count, nb0, nblocks, pf);
+                micro_row<Path::kInt4x16, WS>(a, block.rows, mr, count, nb0, nblocks, pf);
             } else {
-                micro_row<Path::kInt4>(a, block.rows, mr, count, nb0, nblocks, pf);
+                micro_row<Path::kInt4, WS>(a, block.rows, mr, count, nb0, nblocks, pf);
             }
         }
     }
@@ -362,11 +363,19 @@ double vnni_peak_macs_avx512vnni(double seconds) {
 }
 
 void gemm_w4a4_int4_avx512vnni(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
-    gemm_tiles<false>(a, tile_begin, tile_end);
+    if (a.wscales_dtype == DType::kBFloat16) {
+        gemm_tiles<false, DType::kBFloat16>(a, tile_begin, tile_end);
+    } else {
+        gemm_tiles<false, DType::kFloat32>(a, tile_begin, tile_end);
+    }
 }
 
 void gemm_w4a4_nvfp4_avx512vnni(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
-    gemm_tiles<true>(a, tile_begin, tile_end);
+    if (a.wscales_dtype == DType::kBFloat16) {
+        gemm_tiles<true, DType::kBFloat16>(a, tile_begin, tile_end);
+    } else {
+        gemm_tiles<true, DType::kFloat32>(a, tile_begin, tile_end);
+    }
 }
 
 }  // namespace svdq_cpu
