@@ -19,8 +19,10 @@
 // had spilled general registers in the inner loop).
 //
 // Micro-kernel: 6 rows x 2 column blocks (32 columns): 12 int32 accumulators (12 independent vpdpbusd chains) and
-// 12 fp32 ones over the full K. Measured on the 2-core Zen 5 (2026-11-22, bench/bench_layers.py): 75-82 % of the
-// vpdpbusd peak at M = 4096; the per-group scaling and the nibble unpacking share its ports. Tried and slower:
+// 12 fp32 ones over the full K. On the 2-core Zen 5 only multiplies share vpdpbusd's two pipes (bench/vnni_ports.cpp;
+// the and/andnot unpacking, broadcasts and cvt do not), so the group epilogue's mul + fma bound the kernel at 16/18
+// of the vpdpbusd peak, 86 % with the rank-32 up-projection at K = 3072; one thread reaches 75-80 % of the peak
+// (bench/README.md, "Where the time goes"). Tried and slower:
 // 12 rows x 1 block, 8 x 2, 16 x 1, vpdpbusd with an embedded-broadcast operand (inline asm), and unpacking a
 // tile's weights once into an L1/L2 buffer for all its micro-rows (M = 16: 0.25 vs 0.21 ms).
 #include <time.h>
