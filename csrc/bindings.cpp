@@ -412,8 +412,8 @@ at::Tensor gemm_w4a16(const at::Tensor& x_in, const at::Tensor& wcodes, const at
     const int64_t groups = ceil_div(K, G);
     const char* pk = "nunchaku_core.cpu_packing.pack_w4a16";
     check(wcodes, op, "wcodes", at::kByte, {NB, ceil_div(K, kStepK), kChunkBytes}, pk);
-    check(scales, op, "scales", at::kFloat, {NB, groups, kBlockN}, pk);
-    check(zeros, op, "zeros", at::kFloat, {NB, groups, kBlockN}, pk);
+    const DType scales_dtype = check_float(scales, op, "scales", {NB, groups, kBlockN}, pk);
+    const DType zeros_dtype = check_float(zeros, op, "zeros", {NB, groups, kBlockN}, pk);
     if (bias.has_value()) check(*bias, op, "bias", at::kFloat, {NB * kBlockN}, pk);
     at::Tensor xs = at::empty({M, groups}, at::TensorOptions().dtype(at::kFloat));
     at::Tensor out = empty_output({M, N}, x_in.scalar_type());
@@ -426,8 +426,10 @@ at::Tensor gemm_w4a16(const at::Tensor& x_in, const at::Tensor& wcodes, const at
     a.G = G;
     a.xs = xs.data_ptr<float>();
     a.wcodes = wcodes.data_ptr<uint8_t>();
-    a.scales = scales.data_ptr<float>();
-    a.zeros = zeros.data_ptr<float>();
+    a.scales = scales.data_ptr();
+    a.zeros = zeros.data_ptr();
+    a.scales_dtype = scales_dtype;
+    a.zeros_dtype = zeros_dtype;
     a.bias = opt_ptr(bias);
     a.out = out.data_ptr();
     a.out_dtype = out_dtype;

@@ -33,7 +33,8 @@
 //                                           high nibble: n = 16*nb + c, k = 8*s + 2*j + 1
 //   So 16 bytes zero-extended to 16 int32 lanes hold two consecutive inputs for 16 columns. Codes unsigned
 //   0..15, 0 past K and past N.
-// W4A16 scales, zeros: fp32 [NB, ceil(K/G), 16] (element (nb, g, c) for column 16*nb + c); padding 0.
+// W4A16 scales, zeros: [NB, ceil(K/G), 16] (element (nb, g, c) for column 16*nb + c); padding 0; bf16, fp16 or
+//   fp32 like the W4A4 scales above (cpu_packing narrowest_exact), widened to fp32 exactly.
 // W4A16 group sums xs: fp32 [M, ceil(K/G)] = sequential fp32 sum of x over each group (the kernel computes
 //   y = Σ_g (scale·Σ_k x·q + zero·xs), see gemm_w4a16_ref.cpp).
 #pragma once

@@ -24,7 +24,8 @@ W4A4 (SVDQuantLayer, INT4 and NVFP4):
 W4A16 (W4A16Layer):
   wcodes    uint8 [NB, ceil(K/8), 64]. Chunk (nb, s): byte 16·j + c (j = 0..3, c = 0..15): low nibble =
             (n = 16·nb + c, k = 8·s + 2·j), high nibble = (n, k = 8·s + 2·j + 1). Unsigned codes; 0 past N and K.
-  scales, zeros  fp32 [NB, ceil(K/G), 16] ((nb, g, c) for column 16·nb + c); padding 0. bias fp32 [NB·16] or None.
+  scales, zeros  [NB, ceil(K/G), 16] ((nb, g, c) for column 16·nb + c), each in the narrowest of bf16/fp16/fp32
+            that holds it exactly (as the W4A4 arrays above); padding 0. bias fp32 [NB·16] or None.
 """
 from __future__ import annotations
 
@@ -187,8 +188,8 @@ def pack_w4a16(layer: W4A16Layer) -> CpuW4A16:
     # [NB, c, s, j, h] -> [NB, s, j, c, h]: byte 16j + c of chunk (nb, s)
     nib = nib.reshape(NB, BLOCK_N, S, 4, 2).permute(0, 2, 3, 1, 4)
     wcodes = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8).reshape(NB, S, CHUNK_BYTES).contiguous()
-    scales = _blocked(_pad_rows(layer.scales.cpu().float(), NB * BLOCK_N), NB)
-    zeros = _blocked(_pad_rows(layer.zeros.cpu().float(), NB * BLOCK_N), NB)
+    scales = narrowest_exact(_blocked(_pad_rows(layer.scales.cpu().float(), NB * BLOCK_N), NB))
+    zeros = narrowest_exact(_blocked(_pad_rows(layer.zeros.cpu().float(), NB * BLOCK_N), NB))
     bias = None if layer.bias is None else _pad_rows(layer.bias.cpu().float(), NB * BLOCK_N)
     return CpuW4A16(N, K, G, wcodes, scales, zeros, bias)
 
@@ -210,7 +211,7 @@ def unpack_w4a16_codes(p: CpuW4A16) -> torch.Tensor:
 
 
 def unpack_w4a16_scales(p: CpuW4A16) -> tuple[torch.Tensor, torch.Tensor]:
-    return _unblocked(p.scales, p.N), _unblocked(p.zeros, p.N)
+    return _unblocked(p.scales.float(), p.N), _unblocked(p.zeros.float(), p.N)
 
 
 def e2m1_twice(codes: torch.Tensor) -> torch.Tensor:

@@ -492,6 +492,22 @@ def test_gemm_w4a16_matches_reference(isa, case, dtype):
     assert torch.all(err <= bound), f"max excess {(err - bound).max().item()}"
 
 
+@pytest.mark.parametrize("src", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_w4a16_narrow_stored_scales_give_the_same_bits(isa, src):
+    """pack_w4a16 stores scales and zeros as bf16, fp16 or fp32 (narrowest_exact); every variant widens them to
+    the same fp32 values, so the output equals that of an all-fp32 packing bit for bit."""
+    layer = random_w4a16(40, 197, 64, seed=12)
+    g = torch.Generator().manual_seed(13)
+    wide = lambda t: t.float() * (1 + torch.rand(t.shape, generator=g) * 1e-3)  # not bf16/fp16-exact
+    layer = dataclasses.replace(layer, scales=wide(layer.scales).to(src), zeros=wide(layer.zeros).to(src)).validate()
+    p = cpu_packing.pack_w4a16(layer)
+    assert p.scales.dtype == src and p.zeros.dtype == src
+    x = torch.randn(17, 197, generator=torch.Generator().manual_seed(14)).bfloat16()
+    y = _C.gemm_w4a16(x, p.wcodes, p.scales, p.zeros, p.bias, 40, 64, isa)
+    y32 = _C.gemm_w4a16(x, p.wcodes, p.scales.float(), p.zeros.float(), p.bias, 40, 64, isa)
+    assert torch.equal(y.view(torch.int16), y32.view(torch.int16))
+
+
 def test_w4a16_variants_and_threads_agree_bitwise():
     layer = random_w4a16(100, 384, 128, seed=7)
     p = cpu_packing.pack_w4a16(layer)

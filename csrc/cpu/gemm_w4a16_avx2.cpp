@@ -50,7 +50,7 @@ static inline void micro_kernel(const W4A16Args& a, int64_t m0, int64_t nb) {
         }
         for (int h = 0; h < 2; ++h) {
             const int64_t sz = (nb * groups + g) * kBlockN + 8 * h;
-            const __m256 s = _mm256_loadu_ps(a.scales + sz), z = _mm256_loadu_ps(a.zeros + sz);
+            const __m256 s = load8(a.scales, a.scales_dtype, sz), z = load8(a.zeros, a.zeros_dtype, sz);
             for (int i = 0; i < MR; ++i) {
                 __m256 v = _mm256_fmadd_ps(s, accq[i][h], _mm256_load_ps(&y[i][8 * h]));
                 v = _mm256_fmadd_ps(z, _mm256_set1_ps(a.xs[(m0 + i) * groups + g]), v);

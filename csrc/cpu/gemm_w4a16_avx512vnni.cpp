@@ -59,7 +59,7 @@ static inline void micro_kernel(const W4A16Args& a, int64_t m0, int64_t nb0) {
         }
         for (int v = 0; v < NV; ++v) {
             const int64_t sz = ((nb0 + v) * groups + g) * kBlockN;
-            const __m512 s = _mm512_loadu_ps(a.scales + sz), z = _mm512_loadu_ps(a.zeros + sz);
+            const __m512 s = load16(a.scales, a.scales_dtype, sz), z = load16(a.zeros, a.zeros_dtype, sz);
             for (int i = 0; i < MR; ++i) {
                 y[i][v] = _mm512_fmadd_ps(s, accq[i][v], y[i][v]);
                 y[i][v] = _mm512_fmadd_ps(z, _mm512_set1_ps(a.xs[(m0 + i) * groups + g]), y[i][v]);

@@ -51,8 +51,8 @@ void gemm_w4a16_ref(const W4A16Args& a, int64_t tile_begin, int64_t tile_end) {
                         accq = std::fma(a.x[m * a.K + k], float(w4a16_code(a.wcodes, a.K, n, k)), accq);
                     }
                     const int64_t sz = (nb * groups + g) * kBlockN + c;
-                    y = std::fma(a.scales[sz], accq, y);
-                    y = std::fma(a.zeros[sz], a.xs[m * groups + g], y);
+                    y = std::fma(load_as_float(a.scales, a.scales_dtype, sz), accq, y);
+                    y = std::fma(load_as_float(a.zeros, a.zeros_dtype, sz), a.xs[m * groups + g], y);
                 }
                 if (a.bias != nullptr) y = y + a.bias[n];
                 store_from_float(a.out, a.out_dtype, m * a.N + n, y);

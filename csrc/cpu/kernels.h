@@ -67,8 +67,9 @@ struct W4A16Args {
     int64_t M, N, K, G;      // G % 8 == 0
     float* xs;               // [M, ceil(K/G)]
     const uint8_t* wcodes;   // [NB, ceil(K/8), 64]
-    const float* scales;     // [NB, ceil(K/G), 16]
-    const float* zeros;      // [NB, ceil(K/G), 16]
+    const void* scales;      // [NB, ceil(K/G), 16], fp32/bf16/fp16 (scales_dtype; widened to fp32 exactly)
+    const void* zeros;       // [NB, ceil(K/G), 16], fp32/bf16/fp16 (zeros_dtype)
+    DType scales_dtype, zeros_dtype;
     const float* bias;       // [NB*16] or null
     void* out;               // [M, N], out_dtype
     DType out_dtype;
