@@ -75,7 +75,7 @@ def _storage_dtype(sd: dict, compute: torch.dtype, chosen_by_user: bool) -> tupl
     return compute, None
 
 
-def _release_freed_heap() -> None:
+def release_freed_heap() -> None:
     """Give the pages that loading freed back to the OS. Loading reads every layer, unpacks its codes to one
     byte each and repacks them (nunchaku_core.linear); glibc keeps the freed blocks in its heap (its mmap
     threshold rises to the largest freed block, up to 32 MiB), so they stayed resident: 0.15 GiB of the
@@ -122,7 +122,7 @@ def load_svdquant_flux(path: str, dtype: torch.dtype | None = None) -> SVDQuantM
     if load_device == offload_device:
         pack_for_device(model.diffusion_model, load_device, manual_cast_dtype or dtype)
     sd = ck.state_dict = {}   # the model holds the checkpoint's tensors now; drop the dict's references first
-    _release_freed_heap()
+    release_freed_heap()
     log.info("SVDQuant: loaded %s (%s, %s, %s layout) as %s, hidden %d, %d+%d blocks", path, ck.precision,
              "guidance" if ck.model_config["guidance_embed"] else "no guidance", ck.layout,
              type(model_config).__name__, ck.model_config["hidden_size"], ck.model_config["depth"],

@@ -22,6 +22,7 @@ import folder_paths
 from nunchaku_core.formats import nunchaku_t5
 
 from .flux_state_dict import QUANT_KEY, QuantizedLinear
+from .loader import release_freed_heap
 from .model_patcher import svdquant_patcher_like
 from .ops import SVDQuantCastOps
 
@@ -91,6 +92,7 @@ def load_text_encoder(t5_path: str, clip_l_path: str, embedding_directory=None) 
     # 4-bit T5 linears instead of being dropped
     clip.patcher = svdquant_patcher_like(clip.patcher)
     clip.patcher.model_size()
+    release_freed_heap()   # the load's transients (each layer unpacked to a byte per code, then repacked)
     log.info("SVDQuant: text encoder %s (T5 %d layers, d_model %d, %d of %d linears 4-bit) + %s, %.2f GiB",
              t5_path, t5.config["num_layers"], t5.config["d_model"], len(t5.quantized),
              len(t5.quantized) + len(t5.plain_linears), clip_l_path, clip.patcher.size / 2**30)
