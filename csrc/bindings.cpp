@@ -261,8 +261,6 @@ Gemm prepare_gemm(bool nvfp4, const at::Tensor& act, const at::Tensor& ascale, c
     Gemm g;
     W4A4Args& a = g.a;
     a.wscales_dtype = check_float(wscales, op, "wscales", {NB, K / G, kBlockN}, pk);
-    TORCH_CHECK(a.wscales_dtype != DType::kFloat16, op, ": wscales must be float32 or bfloat16, got float16 (", pk,
-                " stores fp16 scales as fp32)");
     a.up_dtype = check_float(proj_up, op, "proj_up", {NB, R, kBlockN}, pk);
     if (R > 0) {
         TORCH_CHECK(lora.has_value(), op, ": rank ", R, " needs the lora output of quantize_act_*");

@@ -17,8 +17,7 @@
 // Low-rank up-projection U: [NB, R, 16], element (nb, r, c) = U[16*nb + c, r]. Padding: 0.
 // Low-rank down-projection D: [K, R16], R16 = roundup(R, 16), zero-padded columns.
 //   These three are bf16, fp16 or fp32 (each the narrowest that holds its values exactly, cpu_packing
-//   narrowest_exact; the scales bf16 or fp32 only; kernels.h W4A4Args/QuantArgs carry the dtype) and are
-//   widened to fp32 exactly on load.
+//   narrowest_exact; kernels.h W4A4Args/QuantArgs carry the dtype) and are widened to fp32 exactly on load.
 // Bias, per-channel output scale (NVFP4 wtscale*wcscales): fp32 [NB*16]; padding 0 (bias) / 1 (scale).
 //
 // Activations (written by quantize_act_*, read by gemm_w4a4_*), row-major:

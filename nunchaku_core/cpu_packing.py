@@ -17,8 +17,7 @@ W4A4 (SVDQuantLayer, INT4 and NVFP4):
             U[16·nb + c, r], padding 0); bias fp32 [NB·16] (padding 0) or None; out_scale fp32 [NB·16]
             (NVFP4 wcscales·wtscale, computed as reference.output_scale does; padding 1) or None.
   wscales, proj_down and proj_up are stored in the narrowest of bf16, fp16 and fp32 that holds all their values
-  exactly (`narrowest_exact`; wscales bf16 or fp32 only, the AVX-512 GEMM has a group loop for each): bf16 for
-  bf16 checkpoints and NVFP4 scales, fp32 for LoRA-extended branches. The
+  exactly (`narrowest_exact`): bf16 for bf16 checkpoints and NVFP4 scales, fp32 for LoRA-extended branches. The
   kernels widen them to the same fp32 values, so the outputs do not depend on it; a cold M = 1 layer reads
   their bytes from memory beside the 4-bit codes (3072 x 3072: 1.4 MB in fp32, 0.7 MB in bf16, codes 4.7 MB).
 W4A16 (W4A16Layer):
@@ -99,10 +98,10 @@ class CpuW4A16:
     bias: Optional[torch.Tensor]
 
 
-def narrowest_exact(t: torch.Tensor, candidates=(torch.bfloat16, torch.float16)) -> torch.Tensor:
-    """t (fp32 values) as the first of `candidates` that round-trips every value exactly, else as fp32."""
+def narrowest_exact(t: torch.Tensor) -> torch.Tensor:
+    """t (fp32 values) as bf16, else fp16, else fp32: the first of them that round-trips every value exactly."""
     t = t.float()
-    for dtype in candidates:
+    for dtype in (torch.bfloat16, torch.float16):
         narrow = t.to(dtype)
         if torch.equal(narrow.float(), t):
             return narrow.contiguous()
@@ -123,7 +122,7 @@ def pack_w4a4(layer: SVDQuantLayer) -> CpuW4A4:
     wscales = layer.wscales.cpu().float()
     if layer.precision == "nvfp4":
         wscales = wscales * 0.25
-    wscales = narrowest_exact(_blocked(_pad_rows(wscales, NB * BLOCK_N), NB), (torch.bfloat16,))  # bf16 or fp32
+    wscales = narrowest_exact(_blocked(_pad_rows(wscales, NB * BLOCK_N), NB))
     proj_down, proj_up, bias = _pack_lowrank_bias(layer, NB)
     out_scale = None
     if layer.wtscale is not None or layer.wcscales is not None:

@@ -18,7 +18,7 @@
 // rows lie side by side, so the micro-kernel reads one sequential stream through one pointer (six row pointers
 // had spilled general registers in the inner loop).
 //
-// Micro-kernel: 6 rows x 2 column blocks (32 columns): 12 int32 accumulators (12 independent vpdpbusd chains) and
+// Micro-kernel: up to 6 rows x 2 column blocks (32 columns): 12 int32 accumulators (12 independent vpdpbusd chains) and
 // 12 fp32 ones over the full K. On the 2-core Zen 5 only multiplies share vpdpbusd's two pipes (bench/vnni_ports.cpp;
 // the and/andnot unpacking, broadcasts and cvt do not), so the group epilogue's mul + fma bound the kernel at 16/18
 // of the vpdpbusd peak, 86 % with the rank-32 up-projection at K = 3072; one thread reaches 75-80 % of the peak
@@ -84,8 +84,8 @@ static inline int32_t load_i32(const int8_t* p) {
     return v;
 }
 
-// Micro-row mr of the block (rows kMR·mr .. kMR·mr + MR - 1) against column blocks nb0 .. nb0 + NV - 1.
-// WS: the dtype of the weight scales (bf16 or fp32), a template argument so that the group loop carries no switch.
+// Micro-row mr of the block (its MR rows from rows.micro.first(mr)) against column blocks nb0 .. nb0 + NV - 1.
+// WS: the dtype of the weight scales, a template argument so that the group loop carries no switch.
 template <Path P, DType WS, int MR, int NV>
 static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr, int64_t nb0, int64_t pf_block) {
     constexpr int G = P == Path::kNvfp4 ? kGroupNvfp4 : kGroupInt4;
@@ -93,10 +93,11 @@ static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr,
     const int64_t K = a.K, groups = K / G, block_bytes = (K / kStepK) * kChunkBytes;
     // Column block pf_block (if >= 0) is pulled into L2 meanwhile, all of what a micro-kernel reads of it: one line
     // of codes per step, one of scales per group, and ceil(R / groups) lines of the up-projection per group.
-    const uint8_t* pf_codes = pf_block >= 0 ? a.wcodes + pf_block * block_bytes : nullptr;
-    const char* pf_scales = static_cast<const char*>(a.wscales) + pf_block * groups * kBlockN * dtype_bytes(a.wscales_dtype);
-    const char* pf_up = static_cast<const char*>(a.proj_up) + pf_block * a.R * kBlockN * dtype_bytes(a.up_dtype);
-    const int64_t scale_line = kBlockN * dtype_bytes(a.wscales_dtype), up_line = kBlockN * dtype_bytes(a.up_dtype);
+    const int64_t scale_line = kBlockN * dtype_bytes(WS), up_line = kBlockN * dtype_bytes(a.up_dtype);
+    const bool pf = pf_block >= 0;
+    const uint8_t* pf_codes = pf ? a.wcodes + pf_block * block_bytes : nullptr;
+    const char* pf_scales = pf ? static_cast<const char*>(a.wscales) + pf_block * groups * scale_line : nullptr;
+    const char* pf_up = pf ? static_cast<const char*>(a.proj_up) + pf_block * a.R * up_line : nullptr;
     const int64_t pf_up_lines = ceil_div(a.R, groups);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     // 2·e2m1 + 12 by code, in every 128-bit lane (vpshufb looks up within lanes).
@@ -117,7 +118,7 @@ static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr,
     for (int64_t g = 0; g < groups; ++g) {
         __m512i dot[MR][NV];
         _mm_prefetch(reinterpret_cast<const char*>(ap + g * G * kMR + kPrefetchActBytes), _MM_HINT_T0);
-        if (pf_codes != nullptr) {
+        if (pf) {
             _mm_prefetch(pf_scales + g * scale_line, _MM_HINT_T1);
             for (int64_t r = g * pf_up_lines; r < min_i64(a.R, (g + 1) * pf_up_lines); ++r) {
                 _mm_prefetch(pf_up + r * up_line, _MM_HINT_T1);
@@ -130,7 +131,7 @@ static inline void micro_kernel(const W4A4Args& a, const Rows& rows, int64_t mr,
 #pragma GCC unroll 8
         for (int s = 0; s < kSteps; ++s) {
             const int64_t k = g * G + s * kStepK;
-            if (pf_codes != nullptr) _mm_prefetch(reinterpret_cast<const char*>(pf_codes + (k / kStepK) * kChunkBytes), _MM_HINT_T1);
+            if (pf) _mm_prefetch(reinterpret_cast<const char*>(pf_codes) + (k / kStepK) * kChunkBytes, _MM_HINT_T1);
             for (int v = 0; v < NV; ++v) {
                 const __m512i raw = _mm512_loadu_si512(wp[v] + (k / kStepK) * kChunkBytes);
                 _mm_prefetch(reinterpret_cast<const char*>(wp[v] + (k / kStepK + kPrefetchChunks) * kChunkBytes), _MM_HINT_T0);
@@ -364,20 +365,21 @@ double vnni_peak_macs_avx512vnni(double seconds) {
     return double(iters) * 16.0 * 64.0 / (t1 - t0);
 }
 
-void gemm_w4a4_int4_avx512vnni(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
-    if (a.wscales_dtype == DType::kBFloat16) {
-        gemm_tiles<false, DType::kBFloat16>(a, tile_begin, tile_end);
-    } else {
-        gemm_tiles<false, DType::kFloat32>(a, tile_begin, tile_end);
+template <bool kNvfp4>
+void gemm_any_scales(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
+    switch (a.wscales_dtype) {
+        case DType::kFloat32: gemm_tiles<kNvfp4, DType::kFloat32>(a, tile_begin, tile_end); break;
+        case DType::kBFloat16: gemm_tiles<kNvfp4, DType::kBFloat16>(a, tile_begin, tile_end); break;
+        default: gemm_tiles<kNvfp4, DType::kFloat16>(a, tile_begin, tile_end); break;
     }
 }
 
+void gemm_w4a4_int4_avx512vnni(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
+    gemm_any_scales<false>(a, tile_begin, tile_end);
+}
+
 void gemm_w4a4_nvfp4_avx512vnni(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
-    if (a.wscales_dtype == DType::kBFloat16) {
-        gemm_tiles<true, DType::kBFloat16>(a, tile_begin, tile_end);
-    } else {
-        gemm_tiles<true, DType::kFloat32>(a, tile_begin, tile_end);
-    }
+    gemm_any_scales<true>(a, tile_begin, tile_end);
 }
 
 }  // namespace svdq_cpu

@@ -39,11 +39,13 @@ void gemm_w4a4_ref(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
                         const int32_t w = kNvfp4 ? kE2m1Twice[nib] : nib - kInt4Offset;
                         dot += w * a.act[m * a.K + k];
                     }
-                    acc = std::fma(float(dot) * a.ascale[m * groups + g], load_as_float(a.wscales, a.wscales_dtype, (nb * groups + g) * kBlockN + c), acc);
+                    const float ws = load_as_float(a.wscales, a.wscales_dtype, (nb * groups + g) * kBlockN + c);
+                    acc = std::fma(float(dot) * a.ascale[m * groups + g], ws, acc);
                 }
                 if (a.out_scale != nullptr) acc = acc * a.out_scale[n];
                 for (int64_t r = 0; r < a.R; ++r) {
-                    acc = std::fma(a.lora[m * a.R16 + r], load_as_float(a.proj_up, a.up_dtype, (nb * a.R + r) * kBlockN + c), acc);
+                    const float u = load_as_float(a.proj_up, a.up_dtype, (nb * a.R + r) * kBlockN + c);
+                    acc = std::fma(a.lora[m * a.R16 + r], u, acc);
                 }
                 if (a.bias != nullptr) acc = acc + a.bias[n];
                 store_from_float(a.out, a.out_dtype, m * a.N + n, acc);

@@ -49,7 +49,7 @@ struct W4A4Args {
     const float* lora;       // [M, R16] or null when R == 0
     int64_t M, N, K, R, R16;
     const uint8_t* wcodes;   // [NB, K/8, 64]
-    const void* wscales;     // [NB, K/G, 16], fp32/bf16 (wscales_dtype; widened to fp32 exactly)
+    const void* wscales;     // [NB, K/G, 16], fp32/bf16/fp16 (wscales_dtype; widened to fp32 exactly)
     DType wscales_dtype;
     const void* proj_up;     // [NB, R, 16], fp32/bf16/fp16 (up_dtype)
     DType up_dtype;

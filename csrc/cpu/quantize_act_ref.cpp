@@ -18,7 +18,8 @@ void lora_down_row(const QuantArgs& a, int64_t m) {
     for (int64_t r = 0; r < a.R16; ++r) {
         float acc = 0.0f;
         for (int64_t k = 0; k < a.K; ++k) {
-            acc = std::fma(load_as_float(a.x, a.xdtype, m * a.ldx + k), load_as_float(a.proj_down, a.down_dtype, k * a.R16 + r), acc);
+            const float d = load_as_float(a.proj_down, a.down_dtype, k * a.R16 + r);
+            acc = std::fma(load_as_float(a.x, a.xdtype, m * a.ldx + k), d, acc);
         }
         a.lora[m * a.R16 + r] = acc;
     }
