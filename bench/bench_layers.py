@@ -1,6 +1,6 @@
 """Per-layer CPU benchmark of the fused SVDQuant W4A4 layer (not a test; ratios measured in the same run).
 
-    python bench/bench_layers.py              # full FLUX table, about 10 min on 2 cores
+    python bench/bench_layers.py              # full FLUX table, 3-10 min on 2 cores
     python bench/bench_layers.py --quick      # M in {1, 16, 256}, two shapes, a couple of minutes
 
 For each M x (N, K) it times, on the same random INT4 layer (rank 32, bias, group 64; shifted, i.e. unsigned
@@ -13,8 +13,9 @@ activation codes, for the K = 4N shape, as FLUX's MLP down projections are):
 and reports the speed-ups and our achieved int8 ops/s (2·M·N·K / time of the whole layer) against the VNNI peak
 measured in the same run: _C.vnni_peak_macs runs a loop of independent vpdpbusd zmm instructions on every torch
 thread (64 multiply-accumulates each = 128 int8 ops). Each time is the best of back-to-back runs after a warm-up
-(warm caches): --repeats runs, or as many as fill --min-seconds for fast cases; for M <= 16 a second table repeats ours and bf16 F.linear with the caches flushed before
-every run (the weights then come from memory, as inside a model).
+(warm caches): --repeats runs, or as many as fill --min-seconds for fast cases; for M <= 16 a second table
+repeats ours and bf16 F.linear with the caches flushed before every run (the weights then come from memory, as
+inside a model).
 """
 from __future__ import annotations
 
@@ -151,15 +152,16 @@ def main():
         for M in Ms:
             x16 = torch.randn(M, K).bfloat16()
             x32 = x16.float()
-            rep, cap, fill = args.repeats, args.max_seconds, args.min_seconds
-            t_ours16 = timed(lambda: mod(x16), rep, cap, min_seconds=fill)
-            t_lin16 = timed(lambda: F.linear(x16, w16, b16), rep, cap, min_seconds=fill)
-            t_ours32 = timed(lambda: mod(x32), rep, cap, min_seconds=fill)
-            t_lin32 = timed(lambda: F.linear(x32, w32, b32), rep, cap, min_seconds=fill)
-            t_kit = timed(lambda: kitchen(x16), rep, cap, min_seconds=fill) if kitchen is not None else float("nan")
+            def t(fn, cold=False):
+                return timed(fn, args.repeats, args.max_seconds, cold=cold, min_seconds=args.min_seconds)
+            t_ours16 = t(lambda: mod(x16))
+            t_lin16 = t(lambda: F.linear(x16, w16, b16))
+            t_ours32 = t(lambda: mod(x32))
+            t_lin32 = t(lambda: F.linear(x32, w32, b32))
+            t_kit = t(lambda: kitchen(x16)) if kitchen is not None else float("nan")
             if M <= 16:
-                t_cold = timed(lambda: mod(x16), rep, cap, cold=True, min_seconds=fill)
-                t_cold_lin = timed(lambda: F.linear(x16, w16, b16), rep, cap, cold=True, min_seconds=fill)
+                t_cold = t(lambda: mod(x16), cold=True)
+                t_cold_lin = t(lambda: F.linear(x16, w16, b16), cold=True)
                 cold.append((M, N, K, t_cold, t_cold_lin))
             tops = 2 * M * N * K / t_ours16 / 1e12
             row = [f"{M:>10}", f"{N:>10}", f"{K:>10}", fmt(t_ours16), fmt(t_lin16), f"{t_lin16 / t_ours16:10.2f}",
