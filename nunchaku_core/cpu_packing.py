@@ -113,12 +113,15 @@ def pack_w4a4(layer: SVDQuantLayer) -> CpuW4A4:
     layer = layer.validate()
     N, K, R, G = layer.N, layer.K, layer.R, layer.group_size
     NB = _ceil_div(N, BLOCK_N)
-    codes = layer.codes.cpu().to(torch.int16)
-    nib = (codes + INT4_OFFSET) if layer.precision == "int4" else (codes & 0xF)
-    nib = _pad_rows(nib, NB * BLOCK_N, INT4_OFFSET if layer.precision == "int4" else 0)
-    # [NB, c, s, h, j] -> [NB, s, c, j, h]: byte 4c + j of chunk (nb, s), h = nibble (0 low, 1 high)
-    nib = nib.reshape(NB, BLOCK_N, K // STEP_K, 2, 4).permute(0, 2, 1, 4, 3)
-    wcodes = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8).reshape(NB, K // STEP_K, CHUNK_BYTES).contiguous()
+    codes = layer.codes.cpu().view(torch.uint8)     # int4: two's complement, so (w + 8) & 0xF = byte ^ 8
+    nib = ((codes ^ INT4_OFFSET) if layer.precision == "int4" else codes) & 0xF
+    # [N, s, h, j] -> bytes [N, s, j] (h = 0 low nibble, 1 high), padded to NB·16 rows (INT4 nibble 8: w = 0),
+    # then [NB, c, s, j] -> [NB, s, c, j]: byte 4c + j of chunk (nb, s)
+    nib = nib.reshape(N, K // STEP_K, 2, 4)
+    pad = INT4_OFFSET * 0x11 if layer.precision == "int4" else 0
+    byte = _pad_rows(nib[:, :, 0] | (nib[:, :, 1] << 4), NB * BLOCK_N, pad)
+    dwords = byte.reshape(NB, BLOCK_N, K // STEP_K * 4).view(torch.int32)  # the 4 bytes j of one (n, s) as a word
+    wcodes = dwords.transpose(1, 2).contiguous().view(torch.uint8).reshape(NB, K // STEP_K, CHUNK_BYTES)
     wscales = layer.wscales.cpu().float()
     if layer.precision == "nvfp4":
         wscales = wscales * 0.25
@@ -182,11 +185,12 @@ def pack_w4a16(layer: W4A16Layer) -> CpuW4A16:
     if G % STEP_K:
         raise ValueError(f"W4A16 group size {G} is not a multiple of {STEP_K}: the CPU kernels cannot run it")
     NB, S = _ceil_div(N, BLOCK_N), _ceil_div(K, STEP_K)
-    nib = torch.zeros(NB * BLOCK_N, S * STEP_K, dtype=torch.int16)
-    nib[:N, :K] = layer.codes.cpu().to(torch.int16)
-    # [NB, c, s, j, h] -> [NB, s, j, c, h]: byte 16j + c of chunk (nb, s)
-    nib = nib.reshape(NB, BLOCK_N, S, 4, 2).permute(0, 2, 3, 1, 4)
-    wcodes = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8).reshape(NB, S, CHUNK_BYTES).contiguous()
+    nib = torch.zeros(NB * BLOCK_N, S * STEP_K, dtype=torch.uint8)
+    nib[:N, :K] = layer.codes.cpu()
+    # [NB·16, s, j, h] -> bytes [NB·16, s, j] (h = 0 low nibble, 1 high), then [NB, c, s, j] -> [NB, s, j, c]:
+    # byte 16j + c of chunk (nb, s)
+    byte = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    wcodes = byte.reshape(NB, BLOCK_N, S, 4).permute(0, 2, 3, 1).reshape(NB, S, CHUNK_BYTES)
     scales = narrowest_exact(_blocked(_pad_rows(layer.scales.cpu().float(), NB * BLOCK_N), NB))
     zeros = narrowest_exact(_blocked(_pad_rows(layer.zeros.cpu().float(), NB * BLOCK_N), NB))
     bias = None if layer.bias is None else _pad_rows(layer.bias.cpu().float(), NB * BLOCK_N)

@@ -39,19 +39,27 @@ def _require(cond: bool, msg: str) -> None:
 
 def _nibbles_to_bytes(nib: torch.Tensor) -> torch.Tensor:
     """[..., 2m] nibble values (any int dtype, low 4 bits used) -> [..., m] uint8, even index in the low half."""
-    nib = nib.to(torch.int16) & 0xF
-    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).to(torch.uint8)
+    nib = nib.to(torch.uint8) & 0xF    # an int8 code's low 4 bits survive the wrap to uint8
+    return nib[..., 0::2] | (nib[..., 1::2] << 4)
 
 
 def _bytes_to_nibbles(b: torch.Tensor) -> torch.Tensor:
     """[..., m] uint8 -> [..., 2m] uint8 nibbles 0..15 (low half first)."""
-    b = b.to(torch.int16)
-    return torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2).to(torch.uint8)
+    out = torch.empty(*b.shape, 2, dtype=torch.uint8, device=b.device)
+    out[..., 0] = b & 0xF
+    out[..., 1] = b >> 4
+    return out.flatten(-2)
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """The raw little-endian bytes of a tensor, [numel·itemsize] uint8."""
     return t.contiguous().view(torch.uint8).reshape(-1)
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor as little-endian int32 words, [numel·itemsize/4] (copied if not 4-byte aligned)."""
+    b = _as_bytes(t)
+    return (b if b.storage_offset() % 4 == 0 else b.clone()).view(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,13 +96,19 @@ def unpack_w4a4_qweight(qweight: torch.Tensor, precision: str) -> torch.Tensor:
              f"qweight must be int8 [N, K/2], got {qweight.dtype} {list(qweight.shape)}")
     N, K = qweight.shape[0], qweight.shape[1] * 2
     _require(N % TILE == 0 and K % TILE == 0, f"W4A4 qweight needs N, K multiples of {TILE}, got [{N}, {K}]")
-    nib = _bytes_to_nibbles(_as_bytes(qweight)).to(torch.int8)
+    _require(precision in ("int4", "nvfp4"), f"precision {precision!r}, expected 'int4' or 'nvfp4'")
+    # A uint32 word holds the 8 nibbles j of one (n, 8 consecutive k): permute whole words into the output's
+    # order first, then split each byte jb into nibbles j = 2·jb (low) and 2·jb + 1 (high), int4 sign-extended.
+    words = _as_words(qweight).reshape(N // 128, K // 64, 8, 8, 4, 2, 2)   # [tn, tk, p, l4, l1, ns, ks]
+    b = words.permute(0, 2, 5, 3, 1, 6, 4).contiguous().view(torch.uint8).reshape(-1)  # [tn, p, ns, l4, tk, ks, l1, jb]
+    out = torch.empty(b.numel(), 2, dtype=torch.int8, device=qweight.device)
     if precision == "int4":
-        nib = torch.where(nib >= 8, nib - 16, nib)
-    elif precision != "nvfp4":
-        raise ValueError(f"precision {precision!r}, expected 'int4' or 'nvfp4'")
-    t = nib.reshape(N // 128, K // 64, 8, 8, 4, 2, 2, 8)           # [tn, tk, p, l4, l1, ns, ks, j]
-    return t.permute(0, 2, 5, 3, 1, 6, 4, 7).reshape(N, K)         # [tn, p, ns, l4, tk, ks, l1, j]
+        out[:, 0] = ((b & 0xF) ^ 8).view(torch.int8) - 8
+        out[:, 1] = b.view(torch.int8) >> 4
+    else:
+        out[:, 0] = (b & 0xF).view(torch.int8)
+        out[:, 1] = (b >> 4).view(torch.int8)
+    return out.reshape(N, K)
 
 
 def pack_wscales_int4(wscales: torch.Tensor) -> torch.Tensor:
