@@ -12,10 +12,12 @@ activation codes, for the K = 4N shape, as FLUX's MLP down projections are):
              TensorCoreSVDQuantW4A4Layout, the path ComfyUI takes on CPU), bf16, if it is installed;
 and reports the speed-ups and our achieved int8 ops/s (2·M·N·K / time of the whole layer) against the VNNI peak
 measured in the same run: _C.vnni_peak_macs runs a loop of independent vpdpbusd zmm instructions on every torch
-thread (64 multiply-accumulates each = 128 int8 ops). Each time is the best of back-to-back runs after a warm-up
-(warm caches): --repeats runs, or as many as fill --min-seconds for fast cases; for M <= 16 a second table
-repeats ours and bf16 F.linear with the caches flushed before every run (the weights then come from memory, as
-inside a model).
+thread (64 multiply-accumulates each = 128 int8 ops). `floor` is a lower bound on the time of any implementation
+of the numerics contract at that peak (contract_floor_seconds), `ceil` = F.linear bf16's time / floor the highest
+ratio against it that the run allowed, and %floor = floor / our time. Each time is the best of back-to-back runs
+after a warm-up (warm caches): --repeats runs, or as many as fill --min-seconds for fast cases; for M <= 16 a
+second table repeats ours and bf16 F.linear with the caches flushed before every run (the weights then come from
+memory, as inside a model).
 """
 from __future__ import annotations
 
@@ -98,6 +100,21 @@ def random_layer(N: int, K: int, R: int, seed: int = 0, shifted: bool = False) -
     ).validate()
 
 
+def contract_floor_seconds(M: int, N: int, K: int, R: int, peak_macs: float) -> float:
+    """A lower bound on the time of one INT4 layer on this CPU, from the instructions the numerics contract
+    (csrc/cpu/kernels.h, nunchaku_core/reference.py) needs on the two pipes that vpdpbusd saturates at peak_macs:
+      vpdpbusd     M·N·K / 64          64 int8 multiply-accumulates each;
+      group scale  2·M·(N/16)·(K/64)   acc = fma(float(dot)·ascale, wscale, acc) per 16 outputs and group of 64:
+                                       one vmulps and one vfmadd (the rounded product is part of the contract);
+      up-proj      M·(N/16)·R          fp32 fma over r per 16 outputs;
+      down-proj    M·K·ceil(R/16)      fp32 fma over k per 16 ranks.
+    On this Zen 5 vmulps and vfmadd take vpdpbusd's pipes one for one (bench/vnni_ports.cpp, README "Where the
+    time goes"); everything else a kernel does (loads, unpacking, broadcasts, conversions, the quantizer's
+    divisions, memory traffic, threading) is left out, so the bound is optimistic."""
+    ops = M * N * K / 64 + 2 * M * (N / 16) * (K / 64) + M * (N / 16) * R + M * K * math.ceil(R / 16)
+    return ops / (peak_macs / 64)
+
+
 def kitchen_linear(layer: SVDQuantLayer):
     """comfy-kitchen's eager path on the same quantized layer, or (None, reason)."""
     try:
@@ -136,8 +153,10 @@ def main():
     print(f"# times in ms, best of back-to-back runs (warm caches): --repeats {args.repeats} or as many as fill "
           f"--min-seconds {args.min_seconds:g}; ratios = their time / ours (> 1: ours faster)")
     print("# K = 4N layers (FLUX's MLP down projections) are shifted: unsigned activation codes, as in FLUX")
+    print("# floor: contract_floor_seconds at that peak; ceil = F.lin_bf16 / floor, the best ratio this run allowed;"
+          " %floor = floor / ours_bf16")
     cols = ("M", "N", "K", "ours_bf16", "F.lin_bf16", "x_bf16", "ours_fp32", "F.lin_fp32", "x_fp32", "kitchen",
-            "x_kitch", "TOPS", "%peak")
+            "x_kitch", "TOPS", "%peak", "floor", "ceil", "%floor")
     print(" ".join(f"{c:>10}" for c in cols))
     kitchen_note = None
     cold = []
@@ -162,13 +181,19 @@ def main():
             if M <= 16:
                 t_cold = t(lambda: mod(x16), cold=True)
                 t_cold_lin = t(lambda: F.linear(x16, w16, b16), cold=True)
-                cold.append((M, N, K, t_cold, t_cold_lin))
+                cold.append((M, N, K, t_cold, t_cold_lin, contract_floor_seconds(M, N, K, args.rank, peak_macs)))
             tops = 2 * M * N * K / t_ours16 / 1e12
+            floor = contract_floor_seconds(M, N, K, args.rank, peak_macs)
             row = [f"{M:>10}", f"{N:>10}", f"{K:>10}", fmt(t_ours16), fmt(t_lin16), f"{t_lin16 / t_ours16:10.2f}",
                    fmt(t_ours32), fmt(t_lin32), f"{t_lin32 / t_ours32:10.2f}",
                    fmt(t_kit) if kitchen is not None else f"{'-':>10}",
                    f"{t_kit / t_ours16:10.2f}" if kitchen is not None else f"{'-':>10}",
-                   f"{tops:10.3f}", f"{100 * tops * 1e12 / (2 * peak_macs):10.1f}" if not math.isnan(peak_macs) else "-"]
+                   f"{tops:10.3f}"]
+            if math.isnan(peak_macs):   # no VNNI peak on this CPU: no %peak, floor, ceil
+                row += ["-"] * 4
+            else:
+                row += [f"{100 * tops * 1e12 / (2 * peak_macs):10.1f}", fmt(floor), f"{t_lin16 / floor:10.2f}",
+                        f"{100 * floor / t_ours16:10.1f}"]
             print(" ".join(f"{c:>10}" for c in row), flush=True)
             if kitchen is not None and M <= 16:  # the two implementations compute the same layer
                 d = (kitchen(x16).float() - mod(x16).float()).abs().max().item()
@@ -179,9 +204,10 @@ def main():
         print(f"# comfy-kitchen skipped: {kitchen_note}")
     if cold:
         print("# cold caches (64 MiB written before each run, as for a layer inside a model), bf16 input:")
-        print(" ".join(f"{c:>10}" for c in ("M", "N", "K", "ours_bf16", "F.lin_bf16", "x_bf16")))
-        for M, N, K, t, t_lin in cold:
-            print(" ".join(f"{c:>10}" for c in (M, N, K, fmt(t).strip(), fmt(t_lin).strip(), f"{t_lin / t:.2f}")))
+        print(" ".join(f"{c:>10}" for c in ("M", "N", "K", "ours_bf16", "F.lin_bf16", "x_bf16", "ceil")))
+        for M, N, K, t, t_lin, floor in cold:
+            print(" ".join(f"{c:>10}" for c in (M, N, K, fmt(t).strip(), fmt(t_lin).strip(), f"{t_lin / t:.2f}",
+                                                 f"{t_lin / floor:.2f}")))
 
 
 if __name__ == "__main__":
