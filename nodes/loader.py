@@ -3,7 +3,8 @@
 ComfyUI builds and runs its own Flux (comfy.ldm.flux); we only choose the supported-model class from the
 checkpoint's configuration instead of ComfyUI's detection (which forces hidden size 3072), hand it our
 custom_operations, and wrap the result in our ModelPatcher. The steps mirror
-comfy.sd.load_diffusion_model_state_dict.
+comfy.sd.load_diffusion_model_state_dict. ComfyUI's save nodes refuse the model, naming the file and the fix
+(nodes/saving.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from nunchaku_core.layer import SVDQuantLayer
 
 from .flux_state_dict import QUANT_KEY, FluxCheckpoint, load_flux_checkpoint
 from .model_patcher import SVDQuantModelPatcher
-from .ops import operations_for, pack_for_device
+from .ops import operations_for, pack_for_device, quantized_linears
+from .saving import flux_save_message, refuse_model_save
 
 log = logging.getLogger("SVDQuant")
 
@@ -119,6 +121,8 @@ def load_svdquant_flux(path: str, dtype: torch.dtype | None = None) -> SVDQuantM
     model = model_config.get_model({}, "")
     model = model.to(offload_device)
     model.load_model_weights(sd, "")
+    # ModelSave / CheckpointSave would write the 4-bit Linears' meta placeholders (nodes/saving.py)
+    refuse_model_save(model, flux_save_message(path, len(quantized_linears(model)), ck.layout == "nunchaku"))
     if load_device == offload_device:
         pack_for_device(model.diffusion_model, load_device, manual_cast_dtype or dtype)
     sd = ck.state_dict = {}   # the model holds the checkpoint's tensors now; drop the dict's references first

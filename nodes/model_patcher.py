@@ -8,6 +8,9 @@
   each quantized Linear with patches gets LoRA-extended parts (nodes/lora_patches.py); unpatching drops them,
   which restores the original modules exactly. A Linear whose patches did not change since the last load keeps
   its extended parts, so changing one LoRA's strength re-joins only the layers that LoRA touches.
+- Saving: ComfyUI's save nodes load the model with force_patch_weights, which patches an offloaded (lowvram)
+  module's dense weight; a quantized Linear has none, so it is skipped and the save's own error (nodes/saving.py)
+  is reached.
 - Memory: the meta entries are not memory; the quantized parts' tensors are (quantized_nbytes), for the
   model's size and for ComfyUI's per-module load list.
 """
@@ -21,7 +24,7 @@ import comfy.model_patcher
 import comfy.utils
 
 from .lora_patches import DenseCache, LoRAError, build_lora_parts, check_patch, signature
-from .ops import NO_PATCHES, quantized_linears, quantized_nbytes
+from .ops import NO_PATCHES, is_quantized, quantized_linears, quantized_nbytes
 
 log = logging.getLogger("SVDQuant")
 
@@ -87,6 +90,16 @@ class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
                      full_load=full_load)
         with self.use_ejected():
             self._patch_quantized()
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+        # A quantized Linear has no dense weight / bias to patch: load() joins its patches to the 4-bit parts.
+        # ComfyUI's load() asks for one only for an offloaded (lowvram) module under force_patch_weights, i.e.
+        # from the save nodes (and LoRA extraction); unhandled, that died on the placeholder (AttributeError:
+        # 'NoneType' object has no attribute 'to') before the save's own error (nodes/saving.py) could name the fix.
+        module_name, _, _ = key.rpartition(".")
+        if module_name and is_quantized(comfy.utils.get_attr(self.model, module_name)):
+            return
+        return super().patch_weight_to_device(key, device_to, inplace_update)
 
     def _patch_quantized(self) -> None:
         """Give each quantized Linear its LoRA-extended parts for self.patches (all or none: on an error no

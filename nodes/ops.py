@@ -158,7 +158,7 @@ def pack_for_device(model: torch.nn.Module, device: torch.device, dtype: torch.d
     ComfyUI's accounting (ModelPatcher.model_size) sees it."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, _QuantLinear) and m.parts is not None:
+            if is_quantized(m):
                 m(torch.zeros(1, m.in_features, device=device, dtype=dtype))
 
 
@@ -179,6 +179,11 @@ def quantized_nbytes(model: torch.nn.Module) -> int:
     return total
 
 
+def is_quantized(module) -> bool:
+    """A Linear of these ops holding quantized parts (its weight / bias in the state dict are meta placeholders)."""
+    return isinstance(module, _QuantLinear) and module.parts is not None
+
+
 def quantized_linears(model: torch.nn.Module) -> list:
     """(name, module) of every Linear holding quantized parts, names as in model.state_dict()."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantLinear) and m.parts is not None]
+    return [(n, m) for n, m in model.named_modules() if is_quantized(m)]

@@ -8,9 +8,12 @@ and tokenizer, so CLIPTextEncode and every stock conditioning node work unchange
   - `t5xxl_model_config`: SDClipModel merges `<model_name>_model_config` over the JSON config it reads
     (comfy/text_encoders/t5_config_xxl.json), so the T5 sizes come from the file's metadata and any T5 size
     (T5-XXL, or a tiny test model) is built by ComfyUI's own T5 class.
+  - for a 4-bit T5, ComfyUI's FluxTokenizer with its save hook raising: CLIPSave and CheckpointSave refuse the
+    text encoder, naming the file and the fix (nodes/saving.py).
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import comfy.model_management
@@ -25,6 +28,7 @@ from .flux_state_dict import QUANT_KEY, QuantizedLinear
 from .loader import release_freed_heap
 from .model_patcher import svdquant_patcher_like
 from .ops import SVDQuantCastOps
+from .saving import SaveRefusingFluxTokenizer, t5_save_message
 
 log = logging.getLogger("SVDQuant")
 
@@ -65,7 +69,10 @@ def load_text_encoder(t5_path: str, clip_l_path: str, embedding_directory=None) 
 
     class Target:
         clip = comfy.text_encoders.flux.flux_clip(dtype_t5=t5.dtype)
-        tokenizer = comfy.text_encoders.flux.FluxTokenizer
+        # CLIPSave / CheckpointSave would write the 4-bit Linears' meta placeholders (nodes/saving.py)
+        tokenizer = (functools.partial(SaveRefusingFluxTokenizer, t5_save_message(t5_path, clip_l_path,
+                                                                                  len(t5.quantized)))
+                     if t5.quantized else comfy.text_encoders.flux.FluxTokenizer)
         params: dict = {}
 
     model_options = {
