@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ISA_FLAGS = {
     "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "_avx512vnni.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                        "-mavx512vnni"],
+                        "-mavx512vnni", "-mprfchw"],
 }
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-maybe-uninitialized"]
 # at::parallel_for is a header template: without -fopenmp (_OPENMP undefined) it runs the whole range on the
