@@ -97,13 +97,26 @@ def load_text_encoder(t5_path: str, clip_l_path: str, embedding_directory=None) 
             log.debug("SVDQuant: %s: unused keys %s", path, unexpected)
     # our ModelPatcher: memory without the meta placeholders, and LoRAs (LoraLoader's CLIP side) joined to the
     # 4-bit T5 linears instead of being dropped
-    clip.patcher = svdquant_patcher_like(clip.patcher)
+    stock = clip.patcher
+    clip.patcher = svdquant_patcher_like(stock)
+    _unload(stock)
     clip.patcher.model_size()
     release_freed_heap()   # the load's transients (each layer unpacked to a byte per code, then repacked)
     log.info("SVDQuant: text encoder %s (T5 %d layers, d_model %d, %d of %d linears 4-bit) + %s, %.2f GiB",
              t5_path, t5.config["num_layers"], t5.config["d_model"], len(t5.quantized),
              len(t5.quantized) + len(t5.plain_linears), clip_l_path, clip.patcher.size / 2**30)
     return clip
+
+
+def _unload(patcher) -> None:
+    """Take `patcher` out of ComfyUI's loaded models. comfy.sd.CLIP loads the patcher it builds when its load and
+    initial devices agree (the CPU); once the loader has swapped in its own patcher, that entry would outlive its
+    patcher, and ComfyUI's next cleanup logged "WARNING, memory leak with model FluxClipModel_" and kept it."""
+    loaded = comfy.model_management.current_loaded_models
+    for i, entry in enumerate(loaded):
+        if entry.model is patcher:
+            loaded.pop(i).model_unload()
+            return
 
 
 class SVDQuantTextEncoderLoader:
