@@ -4,10 +4,14 @@
 
 One pybind11/torch extension (csrc/bindings.cpp + csrc/cpu/*.cpp). Each CPU translation unit is compiled for its
 own ISA, chosen by its file name: `*_avx2.cpp` with AVX2/FMA/F16C, `*_avx512vnni.cpp` with AVX-512 F/BW/VL/DQ +
-VNNI, everything else (`*_ref.cpp`, bindings) for the baseline x86-64. IsaBuildExt appends these flags per source
-file; the run-time dispatcher (csrc/bindings.cpp, nunchaku_core/backend.py) calls a variant only after CPUID says
-the CPU has it. -ffp-contract=off everywhere: the kernels' fp32 operation order is part of their contract (they
-round exactly like each other and like nunchaku_core/reference.py), so GCC must not fuse a*b+c on its own.
+VNNI (+ PREFETCHW), everything else (`*_ref.cpp`, bindings) for the baseline x86-64. IsaBuildExt appends these
+flags per source file; the run-time dispatcher (csrc/bindings.cpp, nunchaku_core/backend.py) calls a variant only
+after CPUID says the CPU has it. -ffp-contract=off everywhere: the kernels' fp32 operation order is part of their
+contract (they round exactly like each other and like nunchaku_core/reference.py), so GCC must not fuse a*b+c on
+its own.
+
+Platforms: x86-64 Linux with GCC or Clang (install.py unsupported_reason; elsewhere this script stops with the
+reason and the torch reference runs). install.py runs this build for ComfyUI Manager installs.
 
 Project metadata lives in pyproject.toml; this file only adds the extension. Sources compile one at a time
 (no ninja), which keeps the build within the 2 cores of the development machines.
@@ -20,12 +24,21 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
+import sys
 
 from setuptools import setup
 import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from install import unsupported_reason  # noqa: E402  (the platforms the kernels build on)
+
+_why = unsupported_reason(platform.system(), platform.machine())
+if _why is not None:
+    raise SystemExit(f"setup.py: {_why}. Without the compiled kernels the torch reference runs "
+                     f"(nunchaku_core.backend).")
 
 ISA_FLAGS = {
     "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
