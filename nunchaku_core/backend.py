@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu", "cuda", "reference")
 CPU_ISAS = ("ref", "avx2", "avx512vnni")  # slowest to fastest
-BUILD_HINT = "build it with `python setup.py build_ext --inplace` in the repository root"
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD_HINT = (f"build it with ComfyUI's Python: `python install.py` in {_REPO} (runs `python setup.py build_ext "
+              f"--inplace`; again after a torch upgrade)")
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 try:
