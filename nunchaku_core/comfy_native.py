@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 
 from .layer import SVDQuantLayer, W4A16Layer
+from .packing import bytes_to_nibbles, nibbles_to_bytes
 
 SVDQUANT_FORMAT = "svdquant_w4a4"
 AWQ_FORMAT = "awq_w4a16"
@@ -80,22 +81,12 @@ def encode_comfy_quant(conf: dict) -> torch.Tensor:
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """[N, K] 4-bit values (int4 in [-8, 7] or uint4 in [0, 15], any int dtype) -> int8 [N, K/2]."""
-    c = codes.to(torch.uint8) & 0xF    # an int code's low 4 bits survive the wrap to uint8
-    return (c[:, 0::2] | (c[:, 1::2] << 4)).view(torch.int8)
+    return nibbles_to_bytes(codes).view(torch.int8)
 
 
 def unpack_nibbles(packed: torch.Tensor, signed: bool) -> torch.Tensor:
     """int8/uint8 [N, K/2] -> [N, K]: int8 in [-8, 7] when signed, else uint8 in [0, 15]."""
-    b = packed.contiguous().view(torch.uint8)
-    out = torch.empty(*b.shape, 2, dtype=torch.uint8, device=b.device)     # [N, K/2, low / high]
-    if signed:   # sign-extended in int8: ((v & 0xF) ^ 8) - 8 for the low nibble, an arithmetic shift for the high
-        out.view(torch.int8)[..., 0] = ((b & 0xF) ^ 8).view(torch.int8) - 8
-        out.view(torch.int8)[..., 1] = b.view(torch.int8) >> 4
-    else:
-        out[..., 0] = b & 0xF
-        out[..., 1] = b >> 4
-    out = out.reshape(packed.shape[0], -1)
-    return out.view(torch.int8) if signed else out
+    return bytes_to_nibbles(packed.contiguous().view(torch.uint8), signed)
 
 
 # --------------------------------------------------------------------------------------------------------

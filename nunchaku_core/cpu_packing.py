@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from .layer import SVDQuantLayer, W4A16Layer
+from .packing import bytes_to_nibbles, nibbles_to_bytes
 from .reference import e2m1_decode, output_scale
 
 BLOCK_N = 16       # columns per block
@@ -111,7 +112,7 @@ def narrowest_exact(t: torch.Tensor) -> torch.Tensor:
 def pack_w4a4(layer: SVDQuantLayer) -> CpuW4A4:
     """SVDQuantLayer -> the CPU kernels' layout (module docstring). Tensors go to the CPU."""
     layer = layer.validate()
-    N, K, R, G = layer.N, layer.K, layer.R, layer.group_size
+    N, K, R = layer.N, layer.K, layer.R
     NB = _ceil_div(N, BLOCK_N)
     codes = layer.codes.cpu().view(torch.uint8)     # int4: two's complement, so (w + 8) & 0xF = byte ^ 8
     nib = ((codes ^ INT4_OFFSET) if layer.precision == "int4" else codes) & 0xF
@@ -162,10 +163,9 @@ def repack_w4a4_lowrank(p: CpuW4A4, layer: SVDQuantLayer) -> CpuW4A4:
 def unpack_w4a4_codes(p: CpuW4A4) -> torch.Tensor:
     """Inverse of the code packing: [N, K] int8 (int4 values, or e2m1 codes 0..15)."""
     NB = p.wcodes.shape[0]
-    b = p.wcodes.reshape(NB, p.K // STEP_K, BLOCK_N, 4).to(torch.int16)
-    nib = torch.stack([b & 0xF, b >> 4], dim=-1)                   # [NB, s, c, j, h]
-    nib = nib.permute(0, 2, 1, 4, 3).reshape(NB * BLOCK_N, p.K)[: p.N]
-    return (nib - INT4_OFFSET if p.precision == "int4" else nib).to(torch.int8)
+    nib = bytes_to_nibbles(p.wcodes.reshape(NB, p.K // STEP_K, BLOCK_N, 4)).unflatten(-1, (4, 2))  # [NB, s, c, j, h]
+    nib = nib.view(torch.int8).permute(0, 2, 1, 4, 3).reshape(NB * BLOCK_N, p.K)[: p.N]   # 0..15
+    return nib - INT4_OFFSET if p.precision == "int4" else nib
 
 
 def unpack_w4a4_scales(p: CpuW4A4) -> torch.Tensor:
@@ -189,7 +189,7 @@ def pack_w4a16(layer: W4A16Layer) -> CpuW4A16:
     nib[:N, :K] = layer.codes.cpu()
     # [NB·16, s, j, h] -> bytes [NB·16, s, j] (h = 0 low nibble, 1 high), then [NB, c, s, j] -> [NB, s, j, c]:
     # byte 16j + c of chunk (nb, s)
-    byte = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    byte = nibbles_to_bytes(nib)
     wcodes = byte.reshape(NB, BLOCK_N, S, 4).permute(0, 2, 3, 1).reshape(NB, S, CHUNK_BYTES)
     scales = narrowest_exact(_blocked(_pad_rows(layer.scales.cpu().float(), NB * BLOCK_N), NB))
     zeros = narrowest_exact(_blocked(_pad_rows(layer.zeros.cpu().float(), NB * BLOCK_N), NB))
@@ -208,9 +208,8 @@ def repack_w4a16_bias(p: CpuW4A16, bias: Optional[torch.Tensor]) -> CpuW4A16:
 def unpack_w4a16_codes(p: CpuW4A16) -> torch.Tensor:
     """Inverse of the W4A16 code packing: [N, K] uint8."""
     NB, S = p.wcodes.shape[:2]
-    b = p.wcodes.reshape(NB, S, 4, BLOCK_N).to(torch.int16)
-    nib = torch.stack([b & 0xF, b >> 4], dim=-1)                   # [NB, s, j, c, h]
-    return nib.permute(0, 3, 1, 2, 4).reshape(NB * BLOCK_N, S * STEP_K)[: p.N, : p.K].to(torch.uint8)
+    nib = bytes_to_nibbles(p.wcodes.reshape(NB, S, 4, BLOCK_N)).unflatten(-1, (BLOCK_N, 2))  # [NB, s, j, c, h]
+    return nib.permute(0, 3, 1, 2, 4).reshape(NB * BLOCK_N, S * STEP_K)[: p.N, : p.K]
 
 
 def unpack_w4a16_scales(p: CpuW4A16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,17 +37,22 @@ def _require(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _nibbles_to_bytes(nib: torch.Tensor) -> torch.Tensor:
+def nibbles_to_bytes(nib: torch.Tensor) -> torch.Tensor:
     """[..., 2m] nibble values (any int dtype, low 4 bits used) -> [..., m] uint8, even index in the low half."""
     nib = nib.to(torch.uint8) & 0xF    # an int8 code's low 4 bits survive the wrap to uint8
     return nib[..., 0::2] | (nib[..., 1::2] << 4)
 
 
-def _bytes_to_nibbles(b: torch.Tensor) -> torch.Tensor:
-    """[..., m] uint8 -> [..., 2m] uint8 nibbles 0..15 (low half first)."""
-    out = torch.empty(*b.shape, 2, dtype=torch.uint8, device=b.device)
-    out[..., 0] = b & 0xF
-    out[..., 1] = b >> 4
+def bytes_to_nibbles(b: torch.Tensor, signed: bool = False) -> torch.Tensor:
+    """[..., m] uint8 -> [..., 2m] nibbles, low half first: uint8 0..15, or int8 sign-extended to [-8, 7] when
+    signed (((v & 0xF) ^ 8) - 8 for the low half, an arithmetic shift for the high one; no int16 temporaries)."""
+    out = torch.empty(*b.shape, 2, dtype=torch.int8 if signed else torch.uint8, device=b.device)
+    if signed:
+        out[..., 0] = ((b & 0xF) ^ 8).view(torch.int8) - 8
+        out[..., 1] = b.view(torch.int8) >> 4
+    else:
+        out[..., 0] = b & 0xF
+        out[..., 1] = b >> 4
     return out.flatten(-2)
 
 
@@ -86,7 +91,7 @@ def pack_w4a4_qweight(codes: torch.Tensor, precision: str) -> torch.Tensor:
     t = codes.reshape(N // 128, 8, 2, 8, K // 64, 2, 4, 8)
     # memory order: tn, tk, p, lane = (l4, l1), ns, ks, j
     t = t.permute(0, 4, 1, 3, 6, 2, 5, 7)
-    return _nibbles_to_bytes(t.reshape(-1)).view(torch.int8).reshape(N, K // 2)
+    return nibbles_to_bytes(t.reshape(-1)).view(torch.int8).reshape(N, K // 2)
 
 
 def unpack_w4a4_qweight(qweight: torch.Tensor, precision: str) -> torch.Tensor:
@@ -101,14 +106,7 @@ def unpack_w4a4_qweight(qweight: torch.Tensor, precision: str) -> torch.Tensor:
     # order first, then split each byte jb into nibbles j = 2·jb (low) and 2·jb + 1 (high), int4 sign-extended.
     words = _as_words(qweight).reshape(N // 128, K // 64, 8, 8, 4, 2, 2)   # [tn, tk, p, l4, l1, ns, ks]
     b = words.permute(0, 2, 5, 3, 1, 6, 4).contiguous().view(torch.uint8).reshape(-1)  # [tn, p, ns, l4, tk, ks, l1, jb]
-    out = torch.empty(b.numel(), 2, dtype=torch.int8, device=qweight.device)
-    if precision == "int4":
-        out[:, 0] = ((b & 0xF) ^ 8).view(torch.int8) - 8
-        out[:, 1] = b.view(torch.int8) >> 4
-    else:
-        out[:, 0] = (b & 0xF).view(torch.int8)
-        out[:, 1] = (b >> 4).view(torch.int8)
-    return out.reshape(N, K)
+    return bytes_to_nibbles(b, signed=precision == "int4").view(torch.int8).reshape(N, K)
 
 
 def pack_wscales_int4(wscales: torch.Tensor) -> torch.Tensor:
@@ -250,7 +248,7 @@ def pack_awq_qweight(codes: torch.Tensor, dtype: torch.dtype = torch.int32) -> t
     c = torch.nn.functional.pad(codes, (0, Kp - K)) if Kp != K else codes
     t = c.reshape(N // 4, 4, Kp // 64, 2, 4, 8)                    # [g4, rr, kc, h, i, b]
     t = t.permute(0, 2, 1, 3, 5, 4)                               # [g4, kc, rr, h, b, i]
-    return _nibbles_to_bytes(t.reshape(-1)).view(dtype).reshape(N // 4, -1)
+    return nibbles_to_bytes(t.reshape(-1)).view(dtype).reshape(N // 4, -1)
 
 
 def unpack_awq_qweight(qweight: torch.Tensor, K: Optional[int] = None) -> torch.Tensor:
@@ -261,7 +259,7 @@ def unpack_awq_qweight(qweight: torch.Tensor, K: Optional[int] = None) -> torch.
     N = qweight.shape[0] * 4
     Kp = qweight.shape[1] * qweight.element_size() // 2            # int16 columns = Kp
     _require(Kp % AWQ_GROUP == 0, f"AWQ qweight needs K a multiple of {AWQ_GROUP}, got {Kp}")
-    nib = _bytes_to_nibbles(_as_bytes(qweight))
+    nib = bytes_to_nibbles(_as_bytes(qweight))
     t = nib.reshape(N // 4, Kp // 64, 4, 2, 8, 4)                  # [g4, kc, rr, h, b, i]
     codes = t.permute(0, 2, 1, 3, 5, 4).reshape(N, Kp)             # [g4, rr, kc, h, i, b]
     return codes if K is None else codes[:, :K].contiguous()
