@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -66,6 +67,17 @@ static inline uint16_t float_to_half(float f) {
 }
 
 static inline int64_t dtype_bytes(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+// Calls f(std::integral_constant<DType, t>{}) for a run-time t: kernels take an array's dtype as a template argument
+// (decltype(d)::value), so their inner loops carry no switch.
+template <typename F>
+static inline void with_dtype(DType t, F&& f) {
+    switch (t) {
+        case DType::kFloat32: f(std::integral_constant<DType, DType::kFloat32>{}); break;
+        case DType::kBFloat16: f(std::integral_constant<DType, DType::kBFloat16>{}); break;
+        default: f(std::integral_constant<DType, DType::kFloat16>{}); break;
+    }
+}
 
 static inline float load_as_float(const void* p, DType t, int64_t i) {
     switch (t) {

@@ -374,21 +374,12 @@ double vnni_peak_macs_avx512vnni(double seconds) {
     return double(iters) * 16.0 * 64.0 / (t1 - t0);
 }
 
-template <bool kNvfp4>
-void gemm_any_scales(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
-    switch (a.wscales_dtype) {
-        case DType::kFloat32: gemm_tiles<kNvfp4, DType::kFloat32>(a, tile_begin, tile_end); break;
-        case DType::kBFloat16: gemm_tiles<kNvfp4, DType::kBFloat16>(a, tile_begin, tile_end); break;
-        default: gemm_tiles<kNvfp4, DType::kFloat16>(a, tile_begin, tile_end); break;
-    }
-}
-
 void gemm_w4a4_int4_avx512vnni(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
-    gemm_any_scales<false>(a, tile_begin, tile_end);
+    with_dtype(a.wscales_dtype, [&](auto ws) { gemm_tiles<false, decltype(ws)::value>(a, tile_begin, tile_end); });
 }
 
 void gemm_w4a4_nvfp4_avx512vnni(const W4A4Args& a, int64_t tile_begin, int64_t tile_end) {
-    gemm_any_scales<true>(a, tile_begin, tile_end);
+    with_dtype(a.wscales_dtype, [&](auto ws) { gemm_tiles<true, decltype(ws)::value>(a, tile_begin, tile_end); });
 }
 
 }  // namespace svdq_cpu

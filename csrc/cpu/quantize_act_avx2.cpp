@@ -112,13 +112,9 @@ void quantize_rows(const QuantArgs& a, int64_t m0, int rows) {
         quantize_chunk_groups<kNvfp4, quantize_group_int4, quantize_group_nvfp4, kChunk>(a, xf, m0, rows, k0, kc);
         if (a.lora == nullptr) continue;
         const void* D = static_cast<const char*>(a.proj_down) + k0 * a.R16 * dtype_bytes(a.down_dtype);
-        for (int64_t r0 = 0; r0 < a.R16; r0 += 16) {
-            switch (a.down_dtype) {
-                case DType::kFloat32: lora_chunk<DType::kFloat32>(xf, kc, D, a.R16, lacc, r0); break;
-                case DType::kBFloat16: lora_chunk<DType::kBFloat16>(xf, kc, D, a.R16, lacc, r0); break;
-                default: lora_chunk<DType::kFloat16>(xf, kc, D, a.R16, lacc, r0); break;
-            }
-        }
+        with_dtype(a.down_dtype, [&](auto d) {
+            for (int64_t r0 = 0; r0 < a.R16; r0 += 16) lora_chunk<decltype(d)::value>(xf, kc, D, a.R16, lacc, r0);
+        });
     }
     if (a.lora != nullptr) {
         for (int i = 0; i < rows; ++i)

@@ -103,11 +103,7 @@ static inline void lora_chunk(const float (*xf)[kChunk], int kc, const void* D, 
 template <int RV>
 static inline void lora_chunk_any(const float (*xf)[kChunk], int kc, const void* D, DType dt, int64_t R16,
                                   float (*lacc)[kMaxRank16], int64_t r0) {
-    switch (dt) {
-        case DType::kFloat32: lora_chunk<RV, DType::kFloat32>(xf, kc, D, R16, lacc, r0); break;
-        case DType::kBFloat16: lora_chunk<RV, DType::kBFloat16>(xf, kc, D, R16, lacc, r0); break;
-        default: lora_chunk<RV, DType::kFloat16>(xf, kc, D, R16, lacc, r0); break;
-    }
+    with_dtype(dt, [&](auto d) { lora_chunk<RV, decltype(d)::value>(xf, kc, D, R16, lacc, r0); });
 }
 
 // Rows [m0, m0 + rows), rows <= kBlockRows, in chunks of kChunk inputs. Each chunk is handled four rows at a time
