@@ -180,12 +180,12 @@ def main():
             t_ours32 = t(lambda: mod(x32))
             t_lin32 = t(lambda: F.linear(x32, w32, b32))
             t_kit = t(lambda: kitchen(x16)) if kitchen is not None else float("nan")
+            floor = contract_floor_seconds(M, N, K, args.rank, peak_macs)
             if M <= 16:
                 t_cold = t(lambda: mod(x16), cold=True)
                 t_cold_lin = t(lambda: F.linear(x16, w16, b16), cold=True)
-                cold.append((M, N, K, t_cold, t_cold_lin, contract_floor_seconds(M, N, K, args.rank, peak_macs)))
+                cold.append((M, N, K, t_cold, t_cold_lin, floor))
             tops = 2 * M * N * K / t_ours16 / 1e12
-            floor = contract_floor_seconds(M, N, K, args.rank, peak_macs)
             row = [f"{M:>10}", f"{N:>10}", f"{K:>10}", fmt(t_ours16), fmt(t_lin16), f"{t_lin16 / t_ours16:10.2f}",
                    fmt(t_ours32), fmt(t_lin32), f"{t_lin32 / t_ours32:10.2f}",
                    fmt(t_kit) if kitchen is not None else f"{'-':>10}",
