@@ -44,6 +44,7 @@ def test_dequantized_file_loads_with_comfyui_stock_loader(tmp_path, precision, g
     r = subprocess.run([sys.executable, "-m", "nunchaku_core", "dequantize", src, dst, "--dtype", "bfloat16", "--quiet"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    os.remove(src)      # 369 MB; the 1.06 GB bf16 file is all the probe needs (tmp_path goes when the test passes)
     r = subprocess.run([sys.executable, "-c", PROBE, COMFYUI, dst], capture_output=True, text=True, cwd=COMFYUI)
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])

@@ -6,6 +6,7 @@ tensor; no data!"), CLIPSave after writing the CLIP-L file. A text encoder whose
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -43,8 +44,9 @@ def files(tmp_path_factory):
     nt.write_t5(str(d / "t5_fp16.safetensors"), T5_TINY, random_t5(T5_TINY, seed=1), dtype=torch.bfloat16)
     ids = qt.tokenize(qt.DEFAULT_PROMPTS[:4], COMFYUI / "comfy/text_encoders/t5_tokenizer/tokenizer.json")
     qt.quantize_t5(qt.T5Source(d / "t5_fp16.safetensors"), str(d / "t5_int4.safetensors"), ids)
-    return {"flux": str(flux), "clip_l": str(d / "clip_l.safetensors"), "t5_fp16": str(d / "t5_fp16.safetensors"),
-            "t5_int4": str(d / "t5_int4.safetensors")}
+    yield {"flux": str(flux), "clip_l": str(d / "clip_l.safetensors"), "t5_fp16": str(d / "t5_fp16.safetensors"),
+           "t5_int4": str(d / "t5_int4.safetensors")}
+    shutil.rmtree(d, ignore_errors=True)    # 264 MB (CLIP-L is full size): not kept to the session's end
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ unquantized file, same seeds (see test_quantized_image_close_to_unquantized for 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -137,7 +138,7 @@ def test_bad_file_clear_error_server_survives(comfy, tiny, bad, message):
 # quality: quantized vs unquantized, same seeds
 # ---------------------------------------------------------------------------------------------------------
 
-# What the cached quality-test files depend on, with the functions that write them (see flux3072).
+# What the cached quality-test files depend on, besides the functions that write them (see flux3072).
 QUALITY_SOURCES = ("nunchaku_core/quantize.py", "nunchaku_core/quantize_flux.py", "nunchaku_core/flux_source.py",
                    "nunchaku_core/formats/nunchaku.py", "nunchaku_core/packing.py", "nunchaku_core/layer.py",
                    "nunchaku_core/reference.py", "nunchaku_core/flux.py")
@@ -230,16 +231,15 @@ def write_stream_swap_bug(int4_path: Path, out_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def flux3072(comfy_models):
-    """BFL file (hidden 3072, 1+1 blocks), its INT4 quantization (nunchaku_core.quantize_flux), NOISE_DRAWS
-    noise-matched copies and the stream-swap negative control, linked into models/diffusion_models.
-    Quantizing takes minutes on 2 cores, so the files are cached across sessions in $SVDQ_TEST_CACHE (default
-    ~/.cache/svdquant-tests), keyed by the sources that shape them."""
+    """BFL file (hidden 3072, 1+1 blocks) and its INT4 quantization (nunchaku_core.quantize_flux), linked into
+    models/diffusion_models. Quantizing takes minutes on 2 cores, so the two files (1.4 GB) are cached across
+    sessions in $SVDQ_TEST_CACHE (default ~/.cache/svdquant-tests), keyed by the sources that shape them.
+    The quality test's other FLUX-width files are made one at a time and deleted after use (scratch_model)."""
     from nunchaku_core.quantize_flux import QuantizeOptions, quantize_flux
-    h = hashlib.sha256(json.dumps([QUANT_OPTIONS, NOISE_DRAWS], sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(QUANT_OPTIONS, sort_keys=True).encode())
     for rel in QUALITY_SOURCES:
         h.update((REPO / rel).read_bytes())
-    for fn in (fm.flux_shapes, fm.random_state_dict, fm.write_flux_bfl, _layer_out, matched_noise, write_noisy,
-               write_stream_swap_bug):
+    for fn in (fm.flux_shapes, fm.random_state_dict, fm.write_flux_bfl):
         h.update(inspect.getsource(fn).encode())
     key = h.hexdigest()[:16]
     cache = Path(os.environ.get("SVDQ_TEST_CACHE", Path.home() / ".cache" / "svdquant-tests"))
@@ -258,22 +258,29 @@ def flux3072(comfy_models):
 
     bfl = cached("bfl", lambda p: fm.write_flux_bfl(p, hidden=3072, depth=1, depth_single=1, seed=0))
     int4 = cached("int4", lambda p: quantize_flux(bfl, p, options=QuantizeOptions(**QUANT_OPTIONS)))
-    files = {"bfl": bfl, "int4": int4, "bug": cached("bug", lambda p: write_stream_swap_bug(int4, p))}
-    noise = None
-    for i in range(NOISE_DRAWS):
-        if not (cache / f"flux3072-{key}-noisy{i}.safetensors").exists() and noise is None:
-            noise = matched_noise(bfl, int4)
-        files[f"noisy{i}"] = cached(f"noisy{i}", lambda p, i=i: write_noisy(bfl, noise, 1000 + i, p))
     names = {}
-    for kind, path in files.items():
+    for kind, path in {"bfl": bfl, "int4": int4}.items():
         link = comfy_models / "diffusion_models" / f"flux3072_{kind}.safetensors"
         if not link.is_symlink():      # another test module's use of this fixture made it already
             link.symlink_to(path)
         names[kind] = link.name
-    return names
+    return {**names, "paths": {"bfl": bfl, "int4": int4}}
 
 
-def test_quantized_image_close_to_unquantized(comfy, flux3072):
+@contextlib.contextmanager
+def scratch_model(comfy, comfy_models: Path, kind: str, make):
+    """models/diffusion_models/flux3072_<kind>.safetensors written by make(path) for one use, then unloaded and
+    deleted: the noise-matched copies are 1 GB each, so at most one is on disk at a time."""
+    path = comfy_models / "diffusion_models" / f"flux3072_{kind}.safetensors"
+    make(path)
+    try:
+        yield path.name
+    finally:
+        comfy.free()
+        path.unlink(missing_ok=True)
+
+
+def test_quantized_image_close_to_unquantized(comfy, comfy_models, flux3072):
     """PSNR of our INT4 model's image against ComfyUI's stock loader on the unquantized weights, same seeds.
 
     Threshold, derived rather than picked. Quantization changes each layer's output by a relative error e
@@ -284,22 +291,24 @@ def test_quantized_image_close_to_unquantized(comfy, flux3072):
     this error level; a quantizer or loader whose image is systematically worse than same-size random noise
     fails. Negative control: the INT4 file with the image/text attention projections exchanged (what a
     loader confusing the streams runs) must fall below the threshold, so the test can tell.
-    Measured on this machine: int4 19.54 dB; noise draws 18.93, 19.23, 18.80, 18.38 dB (μ 18.84, s 0.35),
-    threshold 17.77 dB; stream swap 16.13 dB.
+    Measured on this machine: int4 19.70 dB; noise draws 18.93, 19.23, 18.79, 18.38 dB (μ 18.83, s 0.35),
+    threshold 17.78 dB; stream swap 16.29 dB.
     """
     size = 128
 
     def image(loader) -> torch.Tensor:
         return _image(comfy, graphs.txt2img(loader, size=size, prefix="quality"))
 
+    bfl, int4 = flux3072["paths"]["bfl"], flux3072["paths"]["int4"]
     ref = image(graphs.unet_loader(flux3072["bfl"]))
+    noise = matched_noise(bfl, int4)
     noisy = []
-    for i in range(NOISE_DRAWS):
-        noisy.append(fm.psnr(image(graphs.unet_loader(flux3072[f"noisy{i}"])), ref))
-        comfy.free()   # one FLUX-width model at a time besides the reference (~2 GB each in fp32)
+    for i in range(NOISE_DRAWS):   # scratch_model also unloads: one FLUX-width model at a time besides the reference
+        with scratch_model(comfy, comfy_models, f"noisy{i}", lambda p: write_noisy(bfl, noise, 1000 + i, p)) as name:
+            noisy.append(fm.psnr(image(graphs.unet_loader(name)), ref))
     p_quant = fm.psnr(image(graphs.svdquant_loader(flux3072["int4"])), ref)
-    p_bug = fm.psnr(image(graphs.svdquant_loader(flux3072["bug"])), ref)
-    comfy.free()
+    with scratch_model(comfy, comfy_models, "bug", lambda p: write_stream_swap_bug(int4, p)) as name:
+        p_bug = fm.psnr(image(graphs.svdquant_loader(name)), ref)
     mu = sum(noisy) / len(noisy)
     spread = math.sqrt(sum((p - mu) ** 2 for p in noisy) / (len(noisy) - 1))
     threshold = mu - 3 * spread
