@@ -115,12 +115,12 @@ def pack_w4a4(layer: SVDQuantLayer) -> CpuW4A4:
     N, K, R = layer.N, layer.K, layer.R
     NB = _ceil_div(N, BLOCK_N)
     codes = layer.codes.cpu().view(torch.uint8)     # int4: two's complement, so (w + 8) & 0xF = byte ^ 8
-    nib = ((codes ^ INT4_OFFSET) if layer.precision == "int4" else codes) & 0xF
-    # [N, s, h, j] -> bytes [N, s, j] (h = 0 low nibble, 1 high), padded to NB·16 rows (INT4 nibble 8: w = 0),
-    # then [NB, c, s, j] -> [NB, s, c, j]: byte 4c + j of chunk (nb, s)
-    nib = nib.reshape(N, K // STEP_K, 2, 4)
+    nib = (codes ^ INT4_OFFSET) if layer.precision == "int4" else codes
+    # [N, s, h, j] -> [N, s, j, h] -> bytes [N, s, j] (h = 0 low nibble, 1 high), padded to NB·16 rows (INT4
+    # nibble 8: w = 0), then [NB, c, s, j] -> [NB, s, c, j]: byte 4c + j of chunk (nb, s)
+    nib = nib.reshape(N, K // STEP_K, 2, 4).transpose(2, 3)
     pad = INT4_OFFSET * 0x11 if layer.precision == "int4" else 0
-    byte = _pad_rows(nib[:, :, 0] | (nib[:, :, 1] << 4), NB * BLOCK_N, pad)
+    byte = _pad_rows(nibbles_to_bytes(nib).reshape(N, K // STEP_K * 4), NB * BLOCK_N, pad)
     dwords = byte.reshape(NB, BLOCK_N, K // STEP_K * 4).view(torch.int32)  # the 4 bytes j of one (n, s) as a word
     wcodes = dwords.transpose(1, 2).contiguous().view(torch.uint8).reshape(NB, K // STEP_K, CHUNK_BYTES)
     wscales = layer.wscales.cpu().float()
