@@ -47,13 +47,17 @@ class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
         self.size = _bytes_without_meta(self.model) + quantized_nbytes(self.model)
         return self.size
 
-    def _load_list(self):
-        quantized = {id(m) for _, m in quantized_linears(self.model)}
+    def _load_list(self, *args, **kwargs):
+        """ComfyUI's per-module load list with a quantized Linear's real size in place of its dense placeholders'.
+        Entries end in (module_mem, name, module, params) and start with sort keys (0.3.75 and 0.33's classic load:
+        the offload size, which equals module_mem here; 0.33's dynamic load: derived keys, left as they are)."""
         out = []
-        for offload_mem, mem, n, m, params in super()._load_list():
-            if id(m) in quantized:
-                mem = offload_mem = quantized_nbytes(m)
-            out.append((offload_mem, mem, n, m, params))
+        for *keys, mem, n, m, params in super()._load_list(*args, **kwargs):
+            if is_quantized(m):
+                real = quantized_nbytes(m)
+                keys = [real if type(k) is int and k == mem else k for k in keys]
+                mem = real
+            out.append((*keys, mem, n, m, params))
         return out
 
     # ---- LoRA ---------------------------------------------------------------------------------------------
@@ -85,21 +89,21 @@ class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
                             f"LoRA Stack', which apply to the whole sampling run")
         return super().add_hook_patches(hook, patches, strength_patch, strength_model)
 
-    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
-        super().load(device_to, lowvram_model_memory=lowvram_model_memory, force_patch_weights=force_patch_weights,
-                     full_load=full_load)
+    def load(self, device_to=None, *args, **kwargs):
+        super().load(device_to, *args, **kwargs)
         with self.use_ejected():
             self._patch_quantized()
 
-    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+    def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
         # A quantized Linear has no dense weight / bias to patch: load() joins its patches to the 4-bit parts.
         # ComfyUI's load() asks for one only for an offloaded (lowvram) module under force_patch_weights, i.e.
         # from the save nodes (and LoRA extraction); unhandled, that died on the placeholder (AttributeError:
         # 'NoneType' object has no attribute 'to') before the save's own error (nodes/saving.py) could name the fix.
+        # The other arguments differ between ComfyUI versions (0.33 added return_weight, force_cast): passed on.
         module_name, _, _ = key.rpartition(".")
         if module_name and is_quantized(comfy.utils.get_attr(self.model, module_name)):
-            return
-        return super().patch_weight_to_device(key, device_to, inplace_update)
+            return None
+        return super().patch_weight_to_device(key, device_to, *args, **kwargs)
 
     def _patch_quantized(self) -> None:
         """Give each quantized Linear its LoRA-extended parts for self.patches (all or none: on an error no
@@ -147,12 +151,3 @@ class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
                 m.lora_parts, m.lora_signature = None, NO_PATCHES
         return super().unpatch_model(device_to, unpatch_weights)
 
-
-def svdquant_patcher_like(patcher) -> SVDQuantModelPatcher:
-    """An SVDQuantModelPatcher for the model of a stock ModelPatcher ComfyUI made (comfy.sd.CLIP builds its own),
-    with the same devices and CLIP flags, before any patch was added."""
-    if patcher.patches or patcher.object_patches:
-        raise ValueError("svdquant_patcher_like: the patcher already has patches; swap it right after building")
-    n = SVDQuantModelPatcher(patcher.model, load_device=patcher.load_device, offload_device=patcher.offload_device)
-    n.hook_mode, n.is_clip = patcher.hook_mode, patcher.is_clip
-    return n

@@ -16,6 +16,7 @@ import torch
 from nunchaku_core.layer import SVDQuantLayer
 from nunchaku_core.linear import SVDQuantLinear, W4A16Linear
 
+from . import comfy_api
 from .flux_state_dict import QUANT_KEY, QuantizedLinear
 
 
@@ -50,15 +51,11 @@ class _QuantLinear:
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # A quantized Linear lists `weight` (and `bias`) as meta tensors of the dense shape: ComfyUI maps LoRA
         # keys and accepts patches (comfy.lora.model_lora_keys_unet, ModelPatcher.add_patches) only for keys in
-        # the state dict. They hold no data; SVDQuantModelPatcher applies those patches to the quantized parts
-        # and counts memory without them.
+        # the state dict. SVDQuantModelPatcher applies those patches to the quantized parts.
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.parts is not None:
-            dtype = self.load_dtype or torch.float32
-            destination[prefix + "weight"] = torch.empty((self.out_features, self.in_features), dtype=dtype,
-                                                         device="meta")
-            if self.has_bias:
-                destination[prefix + "bias"] = torch.empty((self.out_features,), dtype=dtype, device="meta")
+            destination.update(comfy_api.dense_placeholders(prefix, self.out_features, self.in_features,
+                                                            self.has_bias, self.load_dtype or torch.float32))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -112,16 +109,10 @@ class _QuantLinear:
         return self.lora_parts if self.lora_parts is not None else self.parts
 
     def _parts_for(self, x: torch.Tensor):
-        """The parts with their tensors on x's device. When ComfyUI offloads this module (lowvram,
-        comfy_cast_weights), they stay on the offload device and are copied per call, as stock weights are."""
-        for m in self.active_parts():
-            if m.device == x.device:
-                yield m
-            else:
-                copy = type(m)(_layer_to(m.layer, x.device), backend=m.backend)
-                if getattr(m, "delta", None) is not None:
-                    copy.delta = m.delta
-                yield copy
+        """The parts that run x. When ComfyUI offloads this module (lowvram, comfy_cast_weights), they stay on the
+        offload device: nunchaku_core.linear packs them for x's device once, keeps that packed copy on the offload
+        device and copies it to x's device per call, as ComfyUI copies stock weights (no repacking per call)."""
+        return self.active_parts()
 
     def forward(self, x, *args, **kwargs):
         if self.parts is None:

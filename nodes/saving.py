@@ -1,14 +1,16 @@
 """ComfyUI's save nodes on SVDQuant models: refused before any file is written, with the reason and the fix.
 
 What they write: comfy.sd.save_checkpoint (ModelSave, CheckpointSave, ImageOnlyCheckpointSave) writes
-`model.model.state_dict_for_saving(...)`; CLIPSave and CheckpointSave write `clip.get_sd()`. A 4-bit Linear lists
+`BaseModel.state_dict_for_saving(...)` (0.3.75 directly, 0.33 through ModelPatcher.state_dict_for_saving); CLIPSave
+and CheckpointSave write `clip.get_sd()` / `clip.state_dict_for_saving()`. A 4-bit Linear lists
 its `weight` / `bias` there as meta placeholders (nodes/ops.py: ComfyUI maps LoRA keys from the state dict), and
 safetensors failed on them with "Cannot copy out of meta tensor; no data!" -- CLIPSave only after it had written
-the CLIP-L file. The placeholders must stay, so the hooks are on what only saving calls (ComfyUI 0.3.75):
+the CLIP-L file. The placeholders must stay, so the hooks are on what only saving calls (0.3.75 and 0.33):
 
-- MODEL: `state_dict_for_saving` of the BaseModel our loader built, set on that instance. Every ModelPatcher
+- MODEL: `state_dict_for_saving` of the BaseModel our loader built, set on that instance
+  (nodes/comfy_api.refuse_state_dict_for_saving, any arguments). Every ModelPatcher
   clone (LoraLoader, ModelSamplingFlux, ...) shares the BaseModel; comfy.sd.save_checkpoint is its only caller.
-- CLIP: comfy.sd.CLIP.get_sd asks the tokenizer for its part of the file (`tokenizer.state_dict()`), and nothing
+- CLIP: comfy.sd.CLIP.get_sd (and 0.33's CLIP.state_dict_for_saving) asks the tokenizer for its part of the file (`tokenizer.state_dict()`), and nothing
   else calls that. CLIP.clone() builds a plain comfy.sd.CLIP, so a CLIP subclass or attribute would be lost at the
   first LoraLoader; the tokenizer object is shared by every clone.
 
@@ -42,14 +44,6 @@ def t5_save_message(t5_path: str, clip_l_path: str, n_quantized: int) -> str:
             f"nodes write. {t5_path} already is the saved 4-bit T5 (and {clip_l_path} the CLIP-L): load them again "
             f"with 'SVDQuant Text Encoder Loader', and keep LoRAs as separate files applied at load (LoraLoader). "
             f"For a dense text encoder, load and save the unquantized T5 instead. No file was written.")
-
-
-def refuse_model_save(model, message: str) -> None:
-    """Make comfy.sd.save_checkpoint raise SaveError(message) for `model` (a comfy.model_base.BaseModel)."""
-    def state_dict_for_saving(clip_state_dict=None, vae_state_dict=None, clip_vision_state_dict=None):
-        raise SaveError(message)
-
-    model.state_dict_for_saving = state_dict_for_saving
 
 
 class SaveRefusingFluxTokenizer(comfy.text_encoders.flux.FluxTokenizer):

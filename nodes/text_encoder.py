@@ -26,7 +26,8 @@ from nunchaku_core.formats import nunchaku_t5
 
 from .flux_state_dict import QUANT_KEY, QuantizedLinear
 from .loader import release_freed_heap
-from .model_patcher import svdquant_patcher_like
+from . import comfy_api
+from .model_patcher import SVDQuantModelPatcher
 from .ops import SVDQuantCastOps
 from .saving import SaveRefusingFluxTokenizer, t5_save_message
 
@@ -98,14 +99,19 @@ def load_text_encoder(t5_path: str, clip_l_path: str, embedding_directory=None) 
     # our ModelPatcher: memory without the meta placeholders, and LoRAs (LoraLoader's CLIP side) joined to the
     # 4-bit T5 linears instead of being dropped
     stock = clip.patcher
-    clip.patcher = svdquant_patcher_like(stock)
+    clip.patcher = comfy_api.patcher_like(SVDQuantModelPatcher, stock)
     _unload(stock)
+    comfy_api.register_reload(clip.patcher, _load_text_encoder_patcher, t5_path, clip_l_path, embedding_directory)
     clip.patcher.model_size()
     release_freed_heap()   # the load's transients (each layer unpacked to a byte per code, then repacked)
     log.info("SVDQuant: text encoder %s (T5 %d layers, d_model %d, %d of %d linears 4-bit) + %s, %.2f GiB",
              t5_path, t5.config["num_layers"], t5.config["d_model"], len(t5.quantized),
              len(t5.quantized) + len(t5.plain_linears), clip_l_path, clip.patcher.size / 2**30)
     return clip
+
+
+def _load_text_encoder_patcher(t5_path: str, clip_l_path: str, embedding_directory=None):
+    return load_text_encoder(t5_path, clip_l_path, embedding_directory).patcher
 
 
 def _unload(patcher) -> None:

@@ -34,6 +34,7 @@ from typing import Iterable, Optional
 import torch
 from safetensors import safe_open
 
+from .formats.finite import require_finite
 from .layer import SVDQuantLayer, W4A16Layer
 from .packing import bytes_to_nibbles, nibbles_to_bytes
 
@@ -121,6 +122,14 @@ def _need(tensors: dict, key: str, where: str) -> torch.Tensor:
     return tensors[key]
 
 
+def _require_floats(tensors: dict, where: str) -> None:
+    """Scales, zeros, smoothing, low-rank factors and bias are floating point (`weight` holds the codes)."""
+    for k in SVDQUANT_KEYS[1:] + AWQ_KEYS[1:] + OPTIONAL_KEYS:
+        t = tensors.get(k)
+        if t is not None and not t.is_floating_point():
+            raise _fail(where, f"{k} is {t.dtype} {list(t.shape)}, expected a floating-point tensor")
+
+
 def svdquant_from_comfy(tensors: dict[str, torch.Tensor], conf: dict, where: str) -> SVDQuantLayer:
     """Tensors of one svdquant_w4a4 layer (keys are the suffixes above) -> SVDQuantLayer (int4)."""
     if conf.get("group_size", 64) != 64:
@@ -130,13 +139,20 @@ def svdquant_from_comfy(tensors: dict[str, torch.Tensor], conf: dict, where: str
         raise _fail(where, f"lowrank_branch_input_basis {basis!r}: only 'raw' (D acts on the unsmoothed input) is "
                            f"supported")
     w, s, up = (_need(tensors, k, where) for k in ("weight", "weight_scale", "weight_proj_up"))
+    _require_floats(tensors, where)
+    if w.dtype not in (torch.int8, torch.uint8):
+        raise _fail(where, f"weight is {w.dtype} {list(w.shape)}, expected int8 [N, K/2] (int4 codes)")
     if conf.get("layout", "natural") == TILE_PACKED or w.dim() == 4:
-        if w.dim() != 4 or s.dim() != 3 or up.dim() != 3:
+        tiled = (w.dim() == 4 and w.shape[2:] == (_TILE_QUADS, _TILE_N) and s.shape == (*w.shape[:2], _TILE_N)
+                 and up.dim() == 3 and up.shape[0] == w.shape[0] and up.shape[2] == _TILE_N)
+        if not tiled:
             raise _fail(where, f"tile-packed layer has weight {list(w.shape)}, weight_scale {list(s.shape)}, "
-                               f"weight_proj_up {list(up.shape)}; expected 4-D, 3-D, 3-D")
+                               f"weight_proj_up {list(up.shape)}; expected [N/128, K/64, 32, 128], "
+                               f"[N/128, K/64, 128], [N/128, R, 128]")
         w, s, up = _untile_weight(w), _untile_scales(s), _untile_proj_up(up)
-    if w.dim() != 2 or w.dtype not in (torch.int8, torch.uint8):
-        raise _fail(where, f"weight is {w.dtype} {list(w.shape)}, expected int8 [N, K/2]")
+    if w.dim() != 2 or s.dim() != 2:
+        raise _fail(where, f"weight is {list(w.shape)} and weight_scale {list(s.shape)}, expected [N, K/2] and "
+                           f"[K/64, N]")
     layer = SVDQuantLayer(
         precision="int4",
         codes=unpack_nibbles(w, signed=True),
@@ -154,10 +170,17 @@ def w4a16_from_comfy(tensors: dict[str, torch.Tensor], conf: dict, where: str) -
     """Tensors of one awq_w4a16 layer -> W4A16Layer. comfy-kitchen's w = (q − 8)·s + z becomes our
     w = q·s + zeros with zeros = z − 8·s, kept in fp32: the two forms then differ by fp32 rounding only
     (tests/test_ops_unit.py bounds it)."""
-    G = int(conf.get("group_size", 64))
+    G = conf.get("group_size", 64)
+    if isinstance(G, bool) or not isinstance(G, (int, float)) or G != int(G) or G <= 0:
+        raise _fail(where, f"awq_w4a16 group_size {G!r}, expected a positive integer")
+    G = int(G)
     w, s, z = (_need(tensors, k, where) for k in AWQ_KEYS)
-    if w.dim() != 2:
+    _require_floats(tensors, where)
+    if w.dim() != 2 or w.dtype not in (torch.int8, torch.uint8):
         raise _fail(where, f"weight is {w.dtype} {list(w.shape)}, expected int8 [N, K/2] (uint4 codes)")
+    if s.dim() != 2 or z.shape != s.shape:
+        raise _fail(where, f"weight_scale is {list(s.shape)} and weight_zeros {list(z.shape)}, expected both "
+                           f"[K/G, N]")
     s32, z32 = s.t().float(), z.t().float()                          # [K/G, N] -> [N, K/G]
     layer = W4A16Layer(codes=unpack_nibbles(w, signed=False), scales=s32,
                        zeros=z32 - _AWQ_ZERO_POINT * s32, bias=tensors.get("bias"), group_size=G)
@@ -214,10 +237,16 @@ def quantized_layer_formats(keys: Iterable[str], metadata: Optional[dict], read_
             out[name] = decode_comfy_quant(read_tensor(k), name)
     if not out and metadata and "_quantization_metadata" in metadata:
         try:
-            layers = json.loads(metadata["_quantization_metadata"]).get("layers", {})
+            layers = json.loads(metadata["_quantization_metadata"])
         except json.JSONDecodeError as e:
             raise ValueError(f"_quantization_metadata is not JSON ({e})") from e
+        layers = layers.get("layers", {}) if isinstance(layers, dict) else None
+        if not isinstance(layers, dict):
+            raise ValueError("_quantization_metadata has no 'layers' object ({name: {\"format\": ...}})")
         out = {name: (c if isinstance(c, dict) else {"format": c}) for name, c in layers.items()}
+        no_format = [name for name, c in out.items() if "format" not in c]
+        if no_format:
+            raise ValueError(f"_quantization_metadata: layer {no_format[0]} has no 'format'")
     return out
 
 
@@ -230,7 +259,10 @@ class ComfyNativeCheckpoint:
         self._f = safe_open(self.path, framework="pt", device="cpu")
         self.metadata = self._f.metadata() or {}
         keys = list(self._f.keys())
-        self.formats = quantized_layer_formats(keys, self.metadata, self._f.get_tensor)
+        try:
+            self.formats = quantized_layer_formats(keys, self.metadata, self._f.get_tensor)
+        except ValueError as e:
+            raise ValueError(f"{self.path}: {e}") from e
         bad = {n: c["format"] for n, c in self.formats.items() if c["format"] not in (SVDQUANT_FORMAT, AWQ_FORMAT)}
         if bad:
             first = next(iter(bad.items()))
@@ -256,7 +288,7 @@ class ComfyNativeCheckpoint:
         for s in suffixes + OPTIONAL_KEYS:
             key = f"{name}.{s}"
             if key in self._keys:
-                tensors[s] = self._f.get_tensor(key)
+                tensors[s] = self._read(key)
         if conf["format"] == SVDQUANT_FORMAT:
             return svdquant_from_comfy(tensors, conf, where)
         return w4a16_from_comfy(tensors, conf, where)
@@ -265,4 +297,10 @@ class ComfyNativeCheckpoint:
         return list(self._plain)
 
     def plain_tensor(self, name: str) -> torch.Tensor:
-        return self._f.get_tensor(name)
+        return self._read(name)
+
+    def _read(self, key: str) -> torch.Tensor:
+        """One tensor's data; a float tensor holding NaN/Inf raises ValueError naming the file and the key."""
+        t = self._f.get_tensor(key)
+        require_finite(t, f"{self.path}: {key}")
+        return t

@@ -74,17 +74,47 @@ def swap_halves(t: torch.Tensor) -> torch.Tensor:
 
 def unquantized_keys(available) -> list[tuple[str, str, bool]]:
     """The unquantized tensors of a FLUX.1 Nunchaku file as (BFL key, diffusers key, halves swapped), in
-    UNQUANTIZED order. `available`: the file's plain tensor names. The guidance embedder is optional (schnell);
-    any other missing tensor raises KeyError naming it."""
+    UNQUANTIZED order. `available`: the file's plain tensor names. The guidance embedder is optional (schnell)
+    as a whole; any other missing tensor, or a part of a present guidance embedder, raises KeyError naming it
+    (every one of these Linears has a weight and a bias)."""
+    guidance = [f"{d}.{s}" for b, d in UNQUANTIZED if b.startswith("guidance_in") for s in ("weight", "bias")]
+    has_guidance = any(k in available for k in guidance)   # schnell has no guidance embedder
     out = []
     for bfl, diffusers in UNQUANTIZED:
+        if bfl.startswith("guidance_in") and not has_guidance:
+            continue
         for suffix in ("weight", "bias"):
             key = f"{diffusers}.{suffix}"
             if key not in available:
-                if bfl.startswith("guidance_in"):
-                    continue  # schnell has no guidance embedder
                 raise KeyError(key)
             out.append((f"{bfl}.{suffix}", key, bfl == SWAPPED))
+    return out
+
+
+def bfl_shapes(mc: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of ComfyUI's FLUX.1 (comfy.ldm.flux.model.Flux, BFL keys) -> its shape, for the parameters
+    mc (comfy_model_config): each Linear's `.weight` [N, K] and `.bias` [N] (every FLUX.1 Linear has a bias:
+    qkv_bias and ComfyUI's ops_bias are True), and each q/k RMSNorm `.scale` [head_dim]."""
+    D, F, p2 = mc["hidden_size"], int(mc["hidden_size"] * mc["mlp_ratio"]), mc["patch_size"] ** 2
+    head_dim = D // mc["num_heads"]
+    embed = {"img_in": (D, mc["in_channels"] * p2), "txt_in": (D, mc["context_in_dim"]),
+             "time_in.in_layer": (D, 256), "time_in.out_layer": (D, D), "guidance_in.in_layer": (D, 256),
+             "guidance_in.out_layer": (D, D), "vector_in.in_layer": (D, mc["vec_in_dim"]),
+             "vector_in.out_layer": (D, D), "final_layer.linear": (mc["out_channels"] * p2, D), SWAPPED: (2 * D, D)}
+    linears = {b: embed[b] for b, _ in UNQUANTIZED if mc["guidance_embed"] or not b.startswith("guidance_in")}
+    norms = []
+    double = {"mod.lin": (6 * D, D), "attn.qkv": (3 * D, D), "attn.proj": (D, D), "mlp.0": (F, D), "mlp.2": (D, F)}
+    for i in range(mc["depth"]):
+        linears.update({f"double_blocks.{i}.{side}_{n}": s for side in ("img", "txt") for n, s in double.items()})
+        norms += [f"double_blocks.{i}.{b}" for b, _, _ in DOUBLE_NORMS]
+    for i in range(mc["depth_single_blocks"]):
+        linears.update({f"single_blocks.{i}.linear1": (3 * D + F, D), f"single_blocks.{i}.linear2": (D, D + F),
+                        f"single_blocks.{i}.modulation.lin": (3 * D, D)})
+        norms += [f"single_blocks.{i}.{b}" for b, _, _ in SINGLE_NORMS]
+    out: dict[str, tuple[int, ...]] = {}
+    for name, (N, K) in linears.items():
+        out[f"{name}.weight"], out[f"{name}.bias"] = (N, K), (N,)
+    out.update({k: (head_dim,) for k in norms})
     return out
 
 

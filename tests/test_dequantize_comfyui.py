@@ -24,8 +24,9 @@ import comfy.options
 comfy.options.enable_args_parsing()
 import comfy.sd, comfy.utils
 patcher = comfy.sd.load_diffusion_model(path)
-sd = comfy.utils.load_torch_file(path)
 model = patcher.model
+# the file's keys as this ComfyUI renames them at load (0.33: q/k norms `.scale` -> `.weight`)
+sd = model.model_config.process_unet_state_dict(comfy.utils.load_torch_file(path))
 mine = model.diffusion_model.state_dict()
 diff = [k for k in sd if not (mine[k].float() == sd[k].float()).all()]
 missing = [k for k in mine if k not in sd]

@@ -5,7 +5,8 @@ Reading: `open_nunchaku(path)` takes a v1 single `.safetensors` file or a legacy
 Opening reads only the safetensors headers, classifies every key and validates every quantized tensor's
 dtype and shape; tensor data is read one layer at a time, on request (a 7 GB file needs about one layer
 of extra RAM, not the file's size). Every problem with a file raises CheckpointError naming the file, the
-key, what was found and what was expected.
+key, what was found and what was expected; a NaN or ±Inf in a float tensor when that tensor is read
+(formats/finite.py).
 
 Writing: `write_nunchaku(...)` packs plain layers (`layer.py`) with `packing.py` and writes one file (or a
 legacy folder) through a temporary file and os.replace, so an error leaves no partial output.
@@ -32,6 +33,7 @@ except ImportError:  # safetensors < 0.4 only exports it from the Rust module
 
 from .. import packing
 from ..layer import GROUP_SIZE, SVDQuantLayer, W4A16Layer
+from .finite import require_finite
 
 LEGACY_BLOCKS = "transformer_blocks.safetensors"
 LEGACY_UNQUANTIZED = "unquantized_layers.safetensors"
@@ -369,17 +371,27 @@ class NunchakuCheckpoint:
             return "plain"
         raise KeyError(f"{self.path}: no layer or plain tensor named {name!r}")
 
-    def _load(self, key: str) -> torch.Tensor:
+    def file_of(self, name: str) -> Path:
+        """The file holding a layer or plain tensor: the checkpoint itself, or one file of a legacy folder."""
+        fields = self._svdq.get(name) or self._w4a16.get(name)
+        return self._info[next(iter(fields.values())) if fields else name].file
+
+    def _load(self, key: str, finite: bool = True) -> torch.Tensor:
+        """One tensor's data; a float tensor holding NaN/Inf raises (finite=False skips that check)."""
         info = self._info[key]
         try:
-            return self._handles[info.file].get_tensor(key)
+            t = self._handles[info.file].get_tensor(key)
         except SafetensorError as e:
             raise CheckpointError(f"{info.file}: reading {key} failed ({e}); the file looks truncated or corrupt") from e
+        if finite:
+            require_finite(t, f"{info.file}: {key}", CheckpointError)
+        return t
 
     def svdquant_layer(self, name: str) -> SVDQuantLayer:
         """The unpacked W4A4 layer (N, K as stored, i.e. padded to 128; R = stored low-rank width)."""
         fields = self._svdq[name]
-        tensors = {f: self._load(k) for f, k in fields.items()}
+        # smooth_orig is carried through files but unused at run time: a NaN there harms no image
+        tensors = {f: self._load(k, finite=f != "smooth_orig") for f, k in fields.items()}
         shifted = self.precision == "int4" and is_shifted_name(name)
         file = self._info[fields["qweight"]].file
         try:

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..layer import W4A16Layer
 from ..packing import pack_awq_qweight, unpack_awq_qweight
+from .finite import require_finite
 from .safetensors_stream import DTYPE_NAMES, StreamingSafetensorsWriter
 
 GROUP_SIZE = 128
@@ -215,14 +216,19 @@ class T5File:
     def _open(self):
         return safe_open(self.path, framework="pt", device="cpu")
 
+    def _read(self, f, key: str) -> torch.Tensor:
+        t = f.get_tensor(key)
+        require_finite(t, f"{self.path}: {key}")      # a NaN/Inf scale, zero, norm or embedding: refuse the file
+        return t
+
     def tensor(self, key: str) -> torch.Tensor:
         with self._open() as f:
-            return f.get_tensor(key)
+            return self._read(f, key)
 
     def linear_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The stored tensors of one quantized linear, keyed qweight / scales / scaled_zeros / bias."""
         with self._open() as f:
-            return {s: f.get_tensor(f"{name}.{s}") for s in ("qweight", "scales", "scaled_zeros", "bias")
+            return {s: self._read(f, f"{name}.{s}") for s in ("qweight", "scales", "scaled_zeros", "bias")
                     if f"{name}.{s}" in self.keys}
 
     def layer(self, name: str) -> W4A16Layer:

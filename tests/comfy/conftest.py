@@ -9,10 +9,12 @@ apart from the symlinks, which are removed at the end if this session created th
 
 Fixtures: `comfy` (the client: run(graph), images(history), log(), alive(), free()), `comfy_models` (the
 models dir; tests write files into models/diffusion_models while the server runs: ComfyUI rescans a
-folder when its mtime changes).
+folder when its mtime changes). `comfy_server(models, work, extra_args)` starts a further server the same way
+(the web UI tests serve a second frontend with --front-end-root).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -24,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -137,16 +140,17 @@ def comfy_models(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def comfy(comfy_models, tmp_path_factory):
+@contextlib.contextmanager
+def comfy_server(models: Path, work: Path, extra_args: tuple[str, ...] = ()) -> Iterator[ComfyClient]:
+    """A ComfyUI server on a free loopback port, models from `models`, its output, user data and log in
+    `work`, started with `extra_args` added (e.g. --front-end-root); stopped when the block ends."""
     if not (COMFYUI / "main.py").is_file():
         pytest.fail(f"no ComfyUI at {COMFYUI}: run scripts/setup_env.sh (or set SVDQ_COMFYUI to a ComfyUI checkout whose requirements are "
                     f"installed in {sys.executable})")
-    work = tmp_path_factory.mktemp("comfy_run")
     for d in ("output", "temp", "input", "user"):
         (work / d).mkdir()
     paths_yaml = work / "extra_model_paths.yaml"
-    paths_yaml.write_text(f"svdquant_tests:\n    base_path: {comfy_models}\n"
+    paths_yaml.write_text(f"svdquant_tests:\n    base_path: {models}\n"
                           + "".join(f"    {d}: {d}\n" for d in MODEL_DIRS))
     custom = COMFYUI / "custom_nodes"
     created = [link for link, target in ((custom / PACK_NAME, REPO),
@@ -159,7 +163,7 @@ def comfy(comfy_models, tmp_path_factory):
            "--output-directory", str(work / "output"), "--temp-directory", str(work / "temp"),
            "--input-directory", str(work / "input"), "--user-directory", str(work / "user"),
            "--database-url", "sqlite:///:memory:",
-           "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_NAME, TEST_NODE_NAME]
+           "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_NAME, TEST_NODE_NAME, *extra_args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     client = ComfyClient(f"http://127.0.0.1:{port}", log_path, proc)
@@ -180,3 +184,9 @@ def comfy(comfy_models, tmp_path_factory):
         for link in created:
             link.unlink()
         print(f"\nComfyUI log: {log_path}")
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_models, tmp_path_factory):
+    with comfy_server(comfy_models, tmp_path_factory.mktemp("comfy_run")) as client:
+        yield client

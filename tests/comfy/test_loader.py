@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import inspect
 import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,20 +23,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import flux_models as fm
+from comfy_inprocess import flux_state_dict_module
 import graphs
 
 REPO = Path(__file__).resolve().parents[2]
 LOADER = "SVDQuantFluxLoader"
-
-
-def _flux_state_dict_module():
-    """nodes/flux_state_dict.py (no comfy imports) loaded by path: `nodes` may name ComfyUI's module here."""
-    name = "svdq_flux_state_dict"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "nodes" / "flux_state_dict.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)   # dataclasses look their module up here
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +39,8 @@ def tiny(comfy_models):
         "nvfp4": fm.write_random_nunchaku_flux(d / "svdq_tiny_nvfp4.safetensors", precision="nvfp4").name,
         "native": fm.write_random_comfy_native_flux(d / "svdq_tiny_comfy_native.safetensors").name,
         "plain": fm.write_flux_bfl(d / "plain_flux_tiny.safetensors", hidden=256).name,
-        "qwen": fm.write_random_nunchaku_flux(d / "svdq_qwen_image.safetensors",
-                                              model_class="NunchakuQwenImageTransformer2DModel",
+        "sana": fm.write_random_nunchaku_flux(d / "svdq_sana.safetensors",   # a family we do not read
+                                              model_class="NunchakuSanaTransformer2DModel",
                                               comfy_config=False).name,
     }
     data = (d / names["int4"]).read_bytes()
@@ -109,20 +98,18 @@ def test_comfy_native_layout_makes_an_image(comfy, tiny):
 
 
 def test_nvfp4_runs_and_says_where_once(comfy, tiny):
-    """NVFP4 makes an image; the log says once per load where its layers run: the CPU kernels when the
-    extension is built, else the reference fallback (tests/test_ops_unit.py simulates devices whose
-    kernels cannot run NVFP4)."""
+    """NVFP4 makes an image; the log says once per load which backend runs the quantized layers and why
+    (nunchaku_core.backend.choose_backend; every backend runs NVFP4): the CPU kernels when the extension is built."""
     _image(comfy, graphs.txt2img(graphs.svdquant_loader(tiny["nvfp4"]), seed=4))
     _image(comfy, graphs.txt2img(graphs.svdquant_loader(tiny["nvfp4"]), seed=5))   # same model, new sampling
-    lines = [line for line in comfy.log().splitlines() if tiny["nvfp4"] in line and
-             ("NVFP4 layers run on the CPU kernels" in line or "falling back" in line)]
-    assert len(lines) == 1, lines
+    lines = [line for line in comfy.log().splitlines() if tiny["nvfp4"] in line and "quantized layers on" in line]
+    assert len(lines) == 1 and "run on the cpu backend: the compiled CPU kernels" in lines[0], lines
 
 
 @pytest.mark.parametrize("bad,message", [
     ("plain", r"not an SVDQuant checkpoint.*Load Diffusion Model"),
     ("truncated", r"svdq_truncated\.safetensors.*truncated"),
-    ("qwen", r"NunchakuQwenImageTransformer2DModel.*not supported yet"),
+    ("sana", r"NunchakuSanaTransformer2DModel.*not supported yet"),
 ])
 def test_bad_file_clear_error_server_survives(comfy, tiny, bad, message):
     entry = comfy.run(graphs.txt2img(graphs.svdquant_loader(tiny[bad]), seed=6))
@@ -164,7 +151,7 @@ def matched_noise(bfl_path: Path, int4_path: Path) -> list[tuple]:
     e = ‖Q(x) − (x·Wᵀ + b)‖ / ‖x·Wᵀ + b‖ on 64 Gaussian rows (GELU'd where the model feeds GELU outputs), and
     the std σ = e·‖x·Wᵀ + b‖ / (√N·‖x‖) of i.i.d. weight noise E with the same expected relative error,
     because E‖x·Eᵀ‖² = σ²·N·‖x‖². Returns [(BFL weight key, rows, cols, e, σ)]."""
-    fsd = _flux_state_dict_module()
+    fsd = flux_state_dict_module()
     ck = fsd.load_flux_checkpoint(str(int4_path))
     out = []
     g = torch.Generator().manual_seed(123)

@@ -333,10 +333,10 @@ def _api_graph(workflow: dict, object_info: dict, replace: dict) -> dict:
 
 
 def test_example_workflow_runs(served):
-    """workflows/svdquant-flux1-dev-t5.json as saved (widget order included), with the test models
+    """example_workflows/svdquant-flux1-dev-t5.json as saved (widget order included), with the test models
     in place of the real ones, 64x64 and 2 steps: runs to an image."""
     comfy = served
-    workflow = json.loads((REPO / "workflows" / "svdquant-flux1-dev-t5.json").read_text())
+    workflow = json.loads((REPO / "example_workflows" / "svdquant-flux1-dev-t5.json").read_text())
     loader = [n for n in workflow["nodes"] if n["type"] == "SVDQuantTextEncoderLoader"][0]
     assert loader["widgets_values"] == ["awq-int4-flux.1-t5xxl.safetensors", "clip_l.safetensors"]
     assert [m["name"] for m in loader["properties"]["models"]] == loader["widgets_values"]
