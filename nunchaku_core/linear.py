@@ -1,9 +1,16 @@
 """Quantized torch modules built from the plain layer representation.
 
 SVDQuantLinear and W4A16Linear hold a layer (nunchaku_core.layer) and run it through the backend dispatcher
-(compiled CPU/CUDA kernel where one fits, else the torch reference; see nunchaku_core.backend). The layer is
-repacked into the chosen kernel's layout once, at the first forward, and again only if the input's device or the
-chosen backend changes.
+(nunchaku_core.backend: compiled CPU kernels, Triton, the tiled fallback, ...). Packing into the chosen kernel's
+layout happens once per device:
+- resident: an input on the layer's own device uses `_packed`, packed at the first forward (at construction on
+  the CPU) and again only when the chosen backend changes or the layer moves (Module.to / ComfyUI's model moves go
+  through the `layer` setter: one repack per move, never per call);
+- offloaded: an input on another device (ComfyUI's lowvram mode leaves a module on the offload device and runs it
+  on the GPU, nodes/ops.py) is packed for that device once, and the packed copy is kept on the layer's own device
+  (`_staged`); each call copies that kernel-layout copy to the input's device, as ComfyUI copies a stock module's
+  weights per call. The staged copy is the kernel's bytes (~0.53 bytes per weight for INT4), held in addition
+  to the resident one on the offload device (for the reference backend: the layer itself).
 """
 from __future__ import annotations
 
@@ -14,6 +21,12 @@ import torch
 
 from . import backend as _backend
 from .layer import SVDQuantLayer, W4A16Layer
+
+
+def _layer_to(layer, device: torch.device):
+    """The same layer with every tensor on `device` (dtypes kept)."""
+    return dataclasses.replace(layer, **{f.name: t.to(device) for f in dataclasses.fields(layer)
+                                         if isinstance(t := getattr(layer, f.name), torch.Tensor)})
 
 
 class _PackedLinear(torch.nn.Module):
@@ -27,6 +40,7 @@ class _PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = layer.K, layer.N
         self.backend = backend  # None: SVDQ_BACKEND or auto
         self._packed: Optional[_backend.Packed] = None
+        self._staged: dict = {}  # (device, backend) -> Packed for inputs on that device, tensors on self.device
 
     @property
     def layer(self):
@@ -42,6 +56,7 @@ class _PackedLinear(torch.nn.Module):
         self._layer = layer.validate()
         self.in_features, self.out_features = layer.K, layer.N
         self._packed = None
+        self._staged = {}
 
     @property
     def device(self) -> torch.device:
@@ -51,18 +66,37 @@ class _PackedLinear(torch.nn.Module):
         """Every tensor this module keeps alive (the layer's, codes only if not dropped, and the kernel copy)."""
         out = [t for f in dataclasses.fields(self._layer)
                if isinstance(t := getattr(self._layer, f.name), torch.Tensor) and not t.is_meta]
-        kernel = self._packed.kernel if self._packed is not None else None
-        if kernel is not None and dataclasses.is_dataclass(kernel):
-            out += [t for f in dataclasses.fields(kernel) if isinstance(t := getattr(kernel, f.name), torch.Tensor)]
+        for p in ([self._packed] if self._packed is not None else []) + list(self._staged.values()):
+            for obj in (p.kernel, p.layer if p is not self._packed else None):
+                if isinstance(obj, torch.Tensor):   # the tiled fallback's packed codes
+                    out.append(obj)
+                elif obj is not None and dataclasses.is_dataclass(obj):
+                    out += [t for f in dataclasses.fields(obj)
+                            if isinstance(t := getattr(obj, f.name), torch.Tensor) and not t.is_meta]
         return out
 
     def _packed_for(self, x: torch.Tensor, pack) -> _backend.Packed:
         chosen = _backend.resolve_backend(x.device, self.backend)
+        if x.device != self.device:
+            return _backend.packed_to(self._staged_for(x.device, chosen, pack), x.device)
         p = self._packed
         if p is None or p.device != x.device or p.resolved != chosen:
             layer = self.layer
             p = self._packed = pack(layer, x.device, self.backend)
             self._layer = p.layer  # without codes when the kernel copy holds them
+        return p
+
+    def _staged_for(self, device: torch.device, chosen: str, pack) -> _backend.Packed:
+        """The layer packed for inputs on `device`, kept on self.device (module docstring: offloaded)."""
+        key = (device, chosen)
+        p = self._staged.get(key)
+        if p is None:
+            p = pack(_layer_to(self.layer, device), device, self.backend)
+            if p.kernel is None:   # the reference reads the layer itself: nothing to keep but the layer
+                p = _backend.Packed(p.backend, p.resolved, self.device, self.layer)
+            else:
+                p = _backend.packed_to(p, self.device)
+            self._staged[key] = p
         return p
 
 

@@ -1,0 +1,1 @@
+"""Kernels written in Python: the Triton kernels and the memory-bounded tiled fallback."""
