@@ -21,6 +21,7 @@ from safetensors import safe_open
 from nunchaku_core import flux
 from nunchaku_core.comfy_native import AWQ_FORMAT, ComfyNativeCheckpoint, SVDQUANT_FORMAT
 from nunchaku_core.formats.nunchaku import LEGACY_BLOCKS, LEGACY_UNQUANTIZED, CheckpointError, open_nunchaku
+from nunchaku_core.formats.nunchaku_dit import family_of as nunchaku_dit_family, read_nunchaku_dit
 from nunchaku_core.layer import SVDQuantLayer, W4A16Layer
 
 try:
@@ -29,7 +30,8 @@ except ImportError:  # safetensors < 0.4
     from safetensors.safetensors_rust import SafetensorError
 
 QUANT_KEY = "svdquant"
-SUPPORTED_FAMILIES = "FLUX.1 (dev, schnell, Fill, Depth, Canny, Kontext)"
+INCOMPLETE = "the file is incomplete or was written by a broken converter; re-download or re-quantize it"
+SUPPORTED_FAMILIES = "FLUX.1 (dev, schnell, Fill, Depth, Canny, Kontext), Qwen-Image (and Edit), Z-Image"
 
 
 @dataclass
@@ -55,11 +57,12 @@ class QuantizedLinear:
 @dataclass
 class FluxCheckpoint:
     state_dict: dict                 # BFL keys -> tensor or QuantizedLinear
-    model_config: dict               # ComfyUI Flux parameters (FluxParams + image_model)
+    model_config: dict               # ComfyUI Flux parameters (FluxParams + image_model); {} for other families
     model_class: Optional[str]       # comfy.supported_models class name from comfy_config, if any
     precision: str                   # "int4" | "nvfp4"
     layout: str                      # "nunchaku" | "comfy-native"
     path: str
+    family: Optional[str] = "flux"   # None: a comfy-native file of another family, for ComfyUI to detect
 
 
 class NotSVDQuantError(ValueError):
@@ -124,10 +127,12 @@ def _block_indices(names, prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for n in names if (m := pat.match(n))})
 
 
-def _from_nunchaku(ckpt) -> dict:
+def _from_nunchaku(ckpt) -> tuple[dict, dict]:
+    """(BFL state dict, {BFL key or Linear: the file's key or layers}, for error messages)."""
     svdq, w4a16, plain = set(ckpt.svdquant_layer_names()), set(ckpt.w4a16_layer_names()), set(ckpt.plain_tensor_names())
     used: set[str] = set()
     sd: dict = {}
+    file_keys: dict[str, str] = {}
 
     def take(name: str, pool: set, what: str) -> str:
         if name not in pool:
@@ -138,59 +143,83 @@ def _from_nunchaku(ckpt) -> dict:
     def named(block: str, cpp: str, py: str) -> str:
         return f"{block}.{cpp if ckpt.naming == 'cpp' else py}"
 
-    def quantized(bfl: str, parts, split="out"):
-        sd[f"{bfl}.{QUANT_KEY}"] = QuantizedLinear(tuple(parts), split)
+    def layer(name: str, bfl: str, w4a16_layer: bool):
+        """One quantized layer, with its bias: every Linear of FLUX.1 has one (qkv_bias=True), and Nunchaku's
+        converter stores one for every quantized layer, zeros for single blocks' out_proj (checked against
+        DeepCompressor's output, tests/original_tooling.py)."""
+        q = ckpt.w4a16_layer(take(name, w4a16, "W4A16 layer")) if w4a16_layer else \
+            ckpt.svdquant_layer(take(name, svdq, "SVDQuant layer"))
+        if q.bias is None:
+            raise CheckpointError(f"{ckpt.file_of(name)}: {name}.bias is missing: FLUX.1's {bfl} is a Linear with a "
+                                  f"bias and Nunchaku files store one for every quantized layer; {INCOMPLETE}")
+        return q
+
+    def quantized(bfl: str, names: list[str], split: str = "out", w4a16_layer: bool = False) -> None:
+        sd[f"{bfl}.{QUANT_KEY}"] = QuantizedLinear(tuple(layer(n, bfl, w4a16_layer) for n in names), split)
+        file_keys[bfl] = " + ".join(names)
+
+    def tensor(bfl_key: str, key: str) -> torch.Tensor:
+        file_keys[bfl_key] = take(key, plain, "tensor")
+        sd[bfl_key] = ckpt.plain_tensor(key)
+        return sd[bfl_key]
 
     names = svdq | w4a16 | plain
     for i in _block_indices(names, flux.DOUBLE_PREFIX):
         block, bfl = f"{flux.DOUBLE_PREFIX}.{i}", f"double_blocks.{i}"
         for suffix, cpp, py in flux.DOUBLE_W4A4:
-            quantized(f"{bfl}.{suffix}", [ckpt.svdquant_layer(take(named(block, cpp, py), svdq, "SVDQuant layer"))])
+            quantized(f"{bfl}.{suffix}", [named(block, cpp, py)])
         for suffix, nname, _ in flux.DOUBLE_W4A16:
-            quantized(f"{bfl}.{suffix}", [ckpt.w4a16_layer(take(f"{block}.{nname}", w4a16, "W4A16 layer"))])
+            quantized(f"{bfl}.{suffix}", [f"{block}.{nname}"], w4a16_layer=True)
         for suffix, cpp, py in flux.DOUBLE_NORMS:
-            sd[f"{bfl}.{suffix}"] = ckpt.plain_tensor(take(named(block, cpp, py), plain, "tensor"))
+            tensor(f"{bfl}.{suffix}", named(block, cpp, py))
 
     for i in _block_indices(names, flux.SINGLE_PREFIX):
         block, bfl = f"{flux.SINGLE_PREFIX}.{i}", f"single_blocks.{i}"
-        quantized(f"{bfl}.linear1", [ckpt.svdquant_layer(take(f"{block}.{n}", svdq, "SVDQuant layer"))
-                                     for n, _ in flux.SINGLE_LINEAR1], "out")
-        quantized(f"{bfl}.linear2", [ckpt.svdquant_layer(take(f"{block}.{n}", svdq, "SVDQuant layer"))
-                                     for n, _ in flux.SINGLE_LINEAR2], "in")
+        quantized(f"{bfl}.linear1", [f"{block}.{n}" for n, _ in flux.SINGLE_LINEAR1], "out")
+        quantized(f"{bfl}.linear2", [f"{block}.{n}" for n, _ in flux.SINGLE_LINEAR2], "in")
         for suffix, nname, _ in flux.SINGLE_W4A16:
-            quantized(f"{bfl}.{suffix}", [ckpt.w4a16_layer(take(f"{block}.{nname}", w4a16, "W4A16 layer"))])
+            quantized(f"{bfl}.{suffix}", [f"{block}.{nname}"], w4a16_layer=True)
         for suffix, cpp, py in flux.SINGLE_NORMS:
-            sd[f"{bfl}.{suffix}"] = ckpt.plain_tensor(take(named(block, cpp, py), plain, "tensor"))
+            tensor(f"{bfl}.{suffix}", named(block, cpp, py))
 
     try:
         unquantized = flux.unquantized_keys(plain)
     except KeyError as e:
         raise CheckpointError(f"{ckpt.path}: missing tensor {e.args[0]!r}; every FLUX.1 Nunchaku file has it") from None
     for bfl_key, key, swapped in unquantized:
-        used.add(key)
-        value = ckpt.plain_tensor(key)
-        sd[bfl_key] = flux.swap_halves(value) if swapped else value
+        value = tensor(bfl_key, key)
+        if swapped:
+            if value.dim() == 0 or value.shape[0] % 2:
+                raise CheckpointError(f"{ckpt.file_of(key)}: {key} has shape {list(value.shape)}, expected "
+                                      f"[2·hidden_size, ...] (the scale and shift halves of the final adaLN)")
+            sd[bfl_key] = flux.swap_halves(value)
 
     leftover = sorted(names - used)
     if leftover:
         raise UnsupportedModelError(f"{ckpt.path}: {len(leftover)} layers/tensors have no place in ComfyUI's "
                                     f"FLUX.1 model (first: {leftover[:4]}); is this a FLUX.1 checkpoint?")
-    return sd
+    return sd, file_keys
 
 
 # ------------------------------------------------------------------------------------------------------------
 # ComfyUI-native files (already BFL names) -> BFL
 # ------------------------------------------------------------------------------------------------------------
 
+def _is_flux(names) -> bool:
+    """FLUX.1's keys: img_in, double blocks and vector_in (FLUX.2 and Chroma, with the same block names, have no
+    vector_in)."""
+    return (("img_in.weight" in names or "img_in" in names) and any(k.startswith("double_blocks.") for k in names)
+            and any(k.startswith("vector_in.") for k in names))
+
+
 def _from_comfy_native(ckpt: ComfyNativeCheckpoint) -> dict:
+    """The file's layers and tensors under their own (ComfyUI) names: BFL for FLUX.1, the model's own for any
+    other family."""
     sd: dict = {}
     for name in ckpt.layer_names():
         sd[f"{name}.{QUANT_KEY}"] = QuantizedLinear((ckpt.layer(name),), "out")
     for key in ckpt.plain_tensor_names():
         sd[key] = ckpt.plain_tensor(key)
-    if "img_in.weight" not in sd or not any(k.startswith("double_blocks.") for k in sd):
-        raise UnsupportedModelError(f"{ckpt.path}: ComfyUI-native SVDQuant file without FLUX keys (img_in, "
-                                    f"double_blocks.*); supported: {SUPPORTED_FAMILIES}")
     return sd
 
 
@@ -198,25 +227,70 @@ def _from_comfy_native(ckpt: ComfyNativeCheckpoint) -> dict:
 # configuration
 # ------------------------------------------------------------------------------------------------------------
 
-def _shape(sd: dict, bfl: str) -> tuple:
+def _linear_shape(sd: dict, bfl: str, where: str, file_keys: dict) -> tuple[int, int]:
     """[out, in] of a Linear, quantized or not."""
     q = sd.get(f"{bfl}.{QUANT_KEY}")
     if q is not None:
         return q.out_features, q.in_features
-    return tuple(sd[f"{bfl}.weight"].shape)
+    key = f"{bfl}.weight"
+    t = sd.get(key)
+    if t is None:
+        raise CheckpointError(f"{where}: {file_keys.get(key, key)} is missing; every FLUX.1 model has it")
+    if t.dim() != 2:
+        raise CheckpointError(f"{where}: {file_keys.get(key, key)} has shape {list(t.shape)}, expected a Linear's "
+                              f"weight [N, K]")
+    return tuple(t.shape)
 
 
-def model_config_from_weights(sd: dict) -> dict:
+def model_config_from_weights(sd: dict, where: str = "state dict", file_keys: Optional[dict] = None) -> dict:
     """ComfyUI Flux parameters read from the BFL state dict, as comfy's detection reads them, except that
     the head size comes from the q/k norm scale (so non-3072 test models work): in_channels = img_in K / 4
-    (16 dev/schnell/Kontext, 32 Depth/Canny, 96 Fill), guidance_embed = guidance_in present."""
-    hidden, in_dim = _shape(sd, "img_in")
-    head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    (16 dev/schnell/Kontext, 32 Depth/Canny, 96 Fill), guidance_embed = guidance_in present.
+    A tensor these are read from that is missing or of the wrong rank raises CheckpointError naming `where`."""
+    file_keys = file_keys or {}
+    hidden, in_dim = _linear_shape(sd, "img_in", where, file_keys)
+    key = "double_blocks.0.img_attn.norm.query_norm.scale"
+    norm = sd.get(key)
+    if norm is None or norm.dim() != 1 or not norm.shape[0] or hidden % norm.shape[0]:
+        found = "is missing" if norm is None else f"has shape {list(norm.shape)}"
+        raise CheckpointError(f"{where}: {file_keys.get(key, key)} {found}, expected [head_dim] with head_dim "
+                              f"dividing hidden_size {hidden}")
     return flux.comfy_model_config(
         hidden_size=hidden, depth=len(_block_indices(sd, "double_blocks")),
         depth_single_blocks=len(_block_indices(sd, "single_blocks")), in_channels=in_dim // 4,
-        context_in_dim=_shape(sd, "txt_in")[1], vec_in_dim=_shape(sd, "vector_in.in_layer")[1],
-        guidance_embed="guidance_in.in_layer.weight" in sd, num_heads=hidden // head_dim)
+        context_in_dim=_linear_shape(sd, "txt_in", where, file_keys)[1],
+        vec_in_dim=_linear_shape(sd, "vector_in.in_layer", where, file_keys)[1],
+        guidance_embed=any(k.startswith("guidance_in.") for k in sd), num_heads=hidden // norm.shape[0])
+
+
+def _describe(mc: dict) -> str:
+    return (f"FLUX.1 with hidden_size {mc['hidden_size']}, depth {mc['depth']}, depth_single_blocks "
+            f"{mc['depth_single_blocks']}, in_channels {mc['in_channels']}, guidance_embed {mc['guidance_embed']}")
+
+
+def _check_architecture(sd: dict, mc: dict, where: str, file_keys: dict) -> None:
+    """Every tensor ComfyUI's FLUX.1 loads is present, floating point and of its shape, and every Linear has its
+    bias (flux.bfl_shapes). ComfyUI loads a state dict non-strictly: a missing tensor would stay uninitialised
+    and a missing bias zero, with only a log line."""
+    for key, shape in flux.bfl_shapes(mc).items():
+        layer, _, leaf = key.rpartition(".")
+        q = sd.get(f"{layer}.{QUANT_KEY}")
+        name = file_keys.get(layer if q is not None else key, key)
+        if q is not None:
+            if leaf == "weight" and (q.out_features, q.in_features) != shape:
+                raise CheckpointError(f"{where}: {name} is a quantized [N, K] = [{q.out_features}, {q.in_features}] "
+                                      f"layer, expected {list(shape)} for {_describe(mc)}")
+            if leaf == "bias" and any(p.bias is None for p in q.parts):
+                raise CheckpointError(f"{where}: {layer}.bias is missing: FLUX.1's {layer} is a Linear with a "
+                                      f"bias; {INCOMPLETE}")
+            continue
+        t = sd.get(key)
+        if t is None:
+            what = f"FLUX.1's {layer} is a Linear with a bias" if leaf == "bias" else f"{_describe(mc)} has it"
+            raise CheckpointError(f"{where}: {name} is missing: {what}; {INCOMPLETE}")
+        if not t.is_floating_point() or tuple(t.shape) != shape:
+            raise CheckpointError(f"{where}: {name} has shape {list(t.shape)} {str(t.dtype).replace('torch.', '')}, "
+                                  f"expected {list(shape)} floating point for {_describe(mc)}")
 
 
 # comfy.ldm.flux FluxParams fields with defaults, which comfy_config may set besides comfy_model_config's.
@@ -225,14 +299,22 @@ def model_config_from_weights(sd: dict) -> dict:
 _OPTIONAL_FLUX_PARAMS = ("global_modulation", "mlp_silu_act", "ops_bias", "default_ref_method", "ref_index_scale")
 
 
-def _model_config(sd: dict, comfy_config: Optional[dict], path: str) -> tuple[dict, Optional[str]]:
-    derived = model_config_from_weights(sd)
+def _model_config(sd: dict, comfy_config: Optional[dict], path: str, file_keys: dict) -> tuple[dict, Optional[str]]:
+    derived = model_config_from_weights(sd, path, file_keys)
     if not comfy_config:
         return derived, None
     given = comfy_config.get("model_config", {})
-    for k in ("hidden_size", "depth", "depth_single_blocks", "in_channels", "guidance_embed"):
+    if not isinstance(given, dict):
+        raise CheckpointError(f"{path}: comfy_config's model_config is a JSON {type(given).__name__}, expected an "
+                              f"object of ComfyUI Flux parameters")
+    for k in ("hidden_size", "depth", "depth_single_blocks", "in_channels", "guidance_embed", "context_in_dim",
+              "vec_in_dim", "num_heads"):
         if k in given and given[k] != derived[k]:
             raise CheckpointError(f"{path}: comfy_config says {k} = {given[k]!r} but the weights say {derived[k]!r}")
+    for k, v in given.items():   # a value of the wrong type would fail later, far from the file's name
+        want = type(derived[k]) if k in derived else object
+        if not isinstance(v, want) and not (want is float and type(v) is int):
+            raise CheckpointError(f"{path}: comfy_config says {k} = {v!r}, expected a {want.__name__}")
     mc = {**derived, **{k: v for k, v in given.items() if k in derived or k in _OPTIONAL_FLUX_PARAMS}}
     mc["image_model"] = "flux"
     return mc, comfy_config.get("model_class")
@@ -262,9 +344,25 @@ def _own_tensors(sd: dict) -> dict:
     return out
 
 
+def _comfy_config(metadata: dict, path: str) -> Optional[dict]:
+    raw = metadata.get("comfy_config")
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata field 'comfy_config' is not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: metadata field 'comfy_config' holds a JSON {type(value).__name__}, "
+                              f"expected a JSON object")
+    return value
+
+
 def load_flux_checkpoint(path: str) -> FluxCheckpoint:
     """Read an SVDQuant FLUX.1 checkpoint (Nunchaku file or legacy folder, or ComfyUI-native svdquant_w4a4)
-    into a BFL-keyed state dict + model config. Errors (ValueError subclasses) name the file and the fix."""
+    into a BFL-keyed state dict + model config; a Nunchaku Qwen-Image / Z-Image file or a ComfyUI-native file of
+    another family into ComfyUI's own names with family=None. Errors (ValueError subclasses) name the file and
+    the fix."""
     path = checkpoint_path(path)
     layout = sniff_layout(path)
     if layout == "comfy-native":
@@ -272,15 +370,32 @@ def load_flux_checkpoint(path: str) -> FluxCheckpoint:
         if not ckpt.layer_names():
             raise NotSVDQuantError(f"{path}: no svdquant_w4a4 / awq_w4a16 layers listed")
         sd = _own_tensors(_from_comfy_native(ckpt))
-        comfy_config = json.loads(ckpt.metadata["comfy_config"]) if "comfy_config" in ckpt.metadata else None
-        mc, model_class = _model_config(sd, comfy_config, path)
+        comfy_config = _comfy_config(ckpt.metadata, path)
+        if not _is_flux(sd.keys() | {k.rsplit(".", 1)[0] for k in sd}):
+            # any other family: ComfyUI's own detection builds it from the layers' dense shapes (nodes/loader.py)
+            # and its own loading reports missing or unexpected keys
+            model_class = comfy_config.get("model_class") if comfy_config else None
+            return FluxCheckpoint(sd, {}, model_class, "int4", layout, path, family=None)
+        mc, model_class = _model_config(sd, comfy_config, path, {})
+        _check_architecture(sd, mc, path, {})
         return FluxCheckpoint(sd, mc, model_class, "int4", layout, path)
 
     with open_nunchaku(path) as ckpt:
         family = _nunchaku_family(ckpt)
+        if family != "flux" and nunchaku_dit_family(ckpt) is not None:
+            # Qwen-Image / Z-Image: the layers under ComfyUI's own names; ComfyUI's detection builds the model from
+            # their dense shapes (nodes/loader.py) and its own loading reports missing or unexpected keys
+            dit = read_nunchaku_dit(ckpt)
+            sd = {}
+            for k, v in dit.state.items():
+                quantized = isinstance(v, (SVDQuantLayer, W4A16Layer))
+                sd[f"{k}.{QUANT_KEY}" if quantized else k] = QuantizedLinear((v,), "out") if quantized else v
+            return FluxCheckpoint(_own_tensors(sd), {}, None, dit.precision, layout, path, family=None)
         if family != "flux":
             raise UnsupportedModelError(f"{path}: SVDQuant model family {family!r} is not supported yet "
                                         f"(supported: {SUPPORTED_FAMILIES})")
-        sd = _own_tensors(_from_nunchaku(ckpt))
-        mc, model_class = _model_config(sd, ckpt.comfy_config, path)
+        sd, file_keys = _from_nunchaku(ckpt)
+        sd = _own_tensors(sd)
+        mc, model_class = _model_config(sd, ckpt.comfy_config, path, file_keys)
+        _check_architecture(sd, mc, path, file_keys)
         return FluxCheckpoint(sd, mc, model_class, ckpt.precision, layout, path)

@@ -13,17 +13,16 @@ import ctypes.util
 import gc
 import logging
 
-import comfy.model_detection
 import comfy.model_management
 import folder_paths
 import torch
 from nunchaku_core import backend
-from nunchaku_core.layer import SVDQuantLayer
 
-from .flux_state_dict import QUANT_KEY, FluxCheckpoint, load_flux_checkpoint
+from . import comfy_api
+from .flux_state_dict import QUANT_KEY, load_flux_checkpoint
 from .model_patcher import SVDQuantModelPatcher
 from .ops import operations_for, pack_for_device, quantized_linears
-from .saving import flux_save_message, refuse_model_save
+from .saving import SaveError, flux_save_message
 
 log = logging.getLogger("SVDQuant")
 
@@ -46,23 +45,6 @@ def _plain_dtype(sd: dict):
         if not k.endswith("." + QUANT_KEY) and v.is_floating_point():
             return v.dtype
     return None
-
-
-def _nvfp4_backend(ck: FluxCheckpoint, device: torch.device) -> str | None:
-    """The per-load kernel choice for an NVFP4 checkpoint's layers: None (automatic) where a kernel runs NVFP4,
-    else 'reference', said once per load. The CPU kernels run both precisions; the CUDA kernels (csrc/cuda)
-    are INT4-only for now, as Nunchaku's are on GPUs before Blackwell."""
-    if ck.precision != "nvfp4":
-        return None
-    where = backend.resolve_backend(device)
-    if where == "cpu":
-        log.info("SVDQuant: %s: NVFP4 layers run on the CPU kernels", ck.path)
-        return None
-    why = "no compiled kernel is available" if where == "reference" else f"the {where} kernels are INT4-only"
-    log.warning("SVDQuant: %s is an NVFP4 checkpoint and %s on %s; falling back to the torch reference "
-                "implementation (same numerics, much slower). An INT4 checkpoint runs faster on this device.",
-                ck.path, why, device)
-    return "reference"
 
 
 def _storage_dtype(sd: dict, compute: torch.dtype, chosen_by_user: bool) -> tuple[torch.dtype, torch.dtype | None]:
@@ -91,11 +73,12 @@ def release_freed_heap() -> None:
 
 
 def load_svdquant_flux(path: str, dtype: torch.dtype | None = None) -> SVDQuantModelPatcher:
+    requested_dtype = dtype
     ck = load_flux_checkpoint(path)
     sd = ck.state_dict
-    model_config = comfy.model_detection.model_config_from_unet_config(ck.model_config)
-    if model_config is None:
-        raise ValueError(f"{path}: ComfyUI has no model class for this configuration {ck.model_config}")
+    shapes = comfy_api.dense_shapes(sd, QUANT_KEY)
+    model_config = comfy_api.model_config_from_unet_config(comfy_api.unet_config(shapes, ck.model_config, path),
+                                                          shapes, path)
     if ck.model_class and ck.model_class != type(model_config).__name__:
         log.info("SVDQuant: %s: comfy_config names %s, ComfyUI's rules pick %s for in_channels=%s",
                  path, ck.model_class, type(model_config).__name__, ck.model_config["in_channels"])
@@ -113,25 +96,27 @@ def load_svdquant_flux(path: str, dtype: torch.dtype | None = None) -> SVDQuantM
     model_config.set_inference_dtype(dtype, manual_cast_dtype)
     model_config.custom_operations = operations_for(manual_cast_dtype)
 
-    nvfp4_backend = _nvfp4_backend(ck, load_device)
-    for k, v in sd.items():
-        if k.endswith("." + QUANT_KEY) and isinstance(v.parts[0], SVDQuantLayer):   # not the W4A16 modulation
-            v.backend = nvfp4_backend
+    kernel, why = backend.choose_backend(load_device)   # once per load; every backend runs INT4 and NVFP4
+    log.info("SVDQuant: %s: quantized layers on %s run on the %s backend: %s", path, load_device, kernel, why)
 
     model = model_config.get_model({}, "")
     model = model.to(offload_device)
     model.load_model_weights(sd, "")
     # ModelSave / CheckpointSave would write the 4-bit Linears' meta placeholders (nodes/saving.py)
-    refuse_model_save(model, flux_save_message(path, len(quantized_linears(model)), ck.layout == "nunchaku"))
+    comfy_api.refuse_state_dict_for_saving(
+        model, SaveError(flux_save_message(path, len(quantized_linears(model)), ck.layout == "nunchaku")))
     if load_device == offload_device:
         pack_for_device(model.diffusion_model, load_device, manual_cast_dtype or dtype)
     sd = ck.state_dict = {}   # the model holds the checkpoint's tensors now; drop the dict's references first
     release_freed_heap()
-    log.info("SVDQuant: loaded %s (%s, %s, %s layout) as %s, hidden %d, %d+%d blocks", path, ck.precision,
-             "guidance" if ck.model_config["guidance_embed"] else "no guidance", ck.layout,
-             type(model_config).__name__, ck.model_config["hidden_size"], ck.model_config["depth"],
-             ck.model_config["depth_single_blocks"])
-    return SVDQuantModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    cfg = model_config.unet_config
+    log.info("SVDQuant: loaded %s (%s, %s layout, %d quantized Linears) as ComfyUI's %s (%s)", path, ck.precision,
+             ck.layout, len(quantized_linears(model)), type(model_config).__name__,
+             ", ".join(f"{k} {cfg[k]}" for k in ("hidden_size", "depth", "depth_single_blocks", "guidance_embed",
+                                                  "n_layers", "num_layers", "dim") if k in cfg))
+    patcher = SVDQuantModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    comfy_api.register_reload(patcher, load_svdquant_flux, path, requested_dtype)
+    return patcher
 
 
 class SVDQuantFluxLoader:
@@ -156,5 +141,21 @@ class SVDQuantFluxLoader:
         return (load_svdquant_flux(path, DTYPES[weight_dtype]),)
 
 
-NODE_CLASS_MAPPINGS = {"SVDQuantFluxLoader": SVDQuantFluxLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"SVDQuantFluxLoader": "SVDQuant FLUX Loader"}
+class SVDQuantModelLoader(SVDQuantFluxLoader):
+    """One loader for every family: ComfyUI detects the model from the quantized layers' dense shapes and builds
+    it with our custom operations. The FLUX loader above is the same path; it stays for saved workflows."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        types = super().INPUT_TYPES()
+        types["required"]["model_name"][1]["tooltip"] = (
+            "An SVDQuant model in models/diffusion_models: ComfyUI's native svdquant_w4a4 layout of any model "
+            "family ComfyUI detects (what 'SVDQuant Quantize Model' writes), or a Nunchaku FLUX.1 file or folder.")
+        return types
+
+    DESCRIPTION = ("Loads an SVDQuant (4-bit) diffusion model of any family ComfyUI knows: ComfyUI detects and "
+                   "builds its own model; the 4-bit Linears run our kernels.")
+
+
+NODE_CLASS_MAPPINGS = {"SVDQuantFluxLoader": SVDQuantFluxLoader, "SVDQuantModelLoader": SVDQuantModelLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"SVDQuantFluxLoader": "SVDQuant FLUX Loader", "SVDQuantModelLoader": "SVDQuant Model Loader"}

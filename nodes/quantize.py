@@ -1,14 +1,16 @@
-"""ComfyUI nodes of the quantizer: 'SVDQuant Quantize Model' (a FLUX.1 file from models/diffusion_models ->
-an SVDQuant checkpoint in the same folder) and 'SVDQuant Record Calibration' (a MODEL patch that records
+"""ComfyUI nodes of the quantizer: 'SVDQuant Quantize Model' (a diffusion model file from models/diffusion_models
+-> an SVDQuant checkpoint in the same folder: ComfyUI's per-layer layout for any family, or Nunchaku's for FLUX.1) and 'SVDQuant Record Calibration' (a MODEL patch that records
 activation statistics while an ordinary sampling workflow runs, for the quantizer's --calib).
 
-Thin: paths, progress and wiring here; all work in nunchaku_core (quantize_flux, calibration). comfy and
+Thin: paths, progress and wiring here; all work in nunchaku_core (quantize_model, quantize_flux, calibration). comfy and
 folder_paths are imported inside the functions, so this module imports without ComfyUI (tests).
 """
 from __future__ import annotations
 
 import logging
 import os
+
+from nunchaku_core.quantize_cli import FORMATS, output_format
 
 log = logging.getLogger("SVDQuant")
 
@@ -42,7 +44,8 @@ class SVDQuantQuantizeModel:
         _calibration_folder()
         return {"required": {
             "model_name": (folder_paths.get_filename_list("diffusion_models"),
-                           {"tooltip": "bf16/fp16/fp32 FLUX.1 transformer (dev, schnell, Fill, Depth, Canny, Kontext, fine-tunes)"}),
+                           {"tooltip": "a bf16/fp16/fp32 diffusion model file ComfyUI loads (FLUX.1 and its fine-tunes, "
+                                       "or any other family: see the format input)"}),
             "output_name": ("STRING", {"default": "svdq-int4-flux",
                                        "tooltip": "file name, written into the source model's diffusion_models folder"}),
             "precision": (["int4", "nvfp4"], {"tooltip": "int4: GPUs before Blackwell and CPU; nvfp4: Blackwell"}),
@@ -51,6 +54,10 @@ class SVDQuantQuantizeModel:
             "calibration": ([NO_CALIBRATION] + folder_paths.get_filename_list(CALIB_FOLDER),
                             {"tooltip": "a file recorded with 'SVDQuant Record Calibration'; none = data-free"}),
             "gptq": ("BOOLEAN", {"default": False, "tooltip": "GPTQ on the 4-bit residual (needs calibration)"}),
+            "format": (list(FORMATS), {"default": "auto", "tooltip":
+                       "comfy: ComfyUI's per-layer svdquant_w4a4 layout, any model family (INT4, data-free); "
+                       "nunchaku: Nunchaku's FLUX.1 format (INT4 or NVFP4, calibration, GPTQ); auto: comfy unless "
+                       "nvfp4, a calibration or GPTQ is chosen"}),
         }}
 
     RETURN_TYPES = ("STRING",)
@@ -58,13 +65,15 @@ class SVDQuantQuantizeModel:
     OUTPUT_NODE = True
     FUNCTION = "quantize"
     CATEGORY = "SVDQuant"
-    DESCRIPTION = "Quantize a FLUX.1 model to an SVDQuant (Nunchaku) 4-bit checkpoint, with a quality report next to it."
+    DESCRIPTION = ("Quantize a diffusion model to an SVDQuant 4-bit checkpoint (ComfyUI's layout for any family, "
+                   "Nunchaku's for FLUX.1), with a quality report next to it.")
 
-    def quantize(self, model_name, output_name, precision, rank, calibration, gptq):
+    def quantize(self, model_name, output_name, precision, rank, calibration, gptq, format="auto"):
         import comfy.model_management
         import comfy.utils
         import folder_paths
         from nunchaku_core.quantize_flux import QuantizeOptions, format_table, quantize_flux
+        from nunchaku_core.quantize_model import quantize_model
 
         src = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         # next to the source: that is a diffusion_models folder the user picked (with extra model paths the
@@ -80,11 +89,20 @@ class SVDQuantQuantizeModel:
             comfy.model_management.throw_exception_if_processing_interrupted()
             bar.update_absolute(done, total)
 
-        res = quantize_flux(src, out, options=QuantizeOptions(precision=precision, rank=rank, gptq=gptq),
-                            calib_path=calib, progress=progress)
-        log.info("SVDQuant: wrote %s (%s) in %.0f s\n%s", out, res.variant, res.seconds, format_table(res.layers))
+        fmt = output_format(format, precision, calib is not None, gptq)
+        options = QuantizeOptions(precision=precision, rank=rank, gptq=gptq)
+        if fmt == "comfy":
+            if calib is not None:
+                raise ValueError("format comfy is data-free for now: pick calibration 'none', or format nunchaku "
+                                 "(FLUX.1) to use a calibration")
+            res = quantize_model(src, out, options=options, progress=progress)
+        else:
+            res = quantize_flux(src, out, options=options, calib_path=calib, progress=progress)
+        log.info("SVDQuant: wrote %s (%s layout, %s) in %.0f s\n%s", out, fmt, res.variant, res.seconds,
+                 format_table(res.layers))
         name = os.path.basename(out)
-        return {"ui": {"text": [f"{name}: {res.variant}, {precision}, rank {rank}; report {res.report_path}"]},
+        return {"ui": {"text": [f"{name}: {fmt} layout, {res.variant}, {precision}, rank {rank}; "
+                                f"report {res.report_path}"]},
                 "result": (name,)}
 
 

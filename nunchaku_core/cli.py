@@ -102,7 +102,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_dequantize)
 
-    _add_module_command(sub, argv, "quantize", "quantize a FLUX.1 transformer to an SVDQuant checkpoint",
+    _add_module_command(sub, argv, "quantize", "quantize a diffusion model to an SVDQuant checkpoint",
                         "quantize_cli")
     _add_module_command(sub, argv, "quantize-t5", "quantize a T5 encoder to the 4-bit W4A16 (AWQ) format",
                         "quantize_t5")

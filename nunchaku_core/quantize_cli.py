@@ -6,12 +6,28 @@ import argparse
 import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMATS = ("auto", "comfy", "nunchaku")
+
+
+def output_format(fmt: str, precision: str, calibrated: bool, gptq: bool) -> str:
+    """The layout `auto` means: comfy, unless an option only the FLUX.1 -> Nunchaku path supports asks for it."""
+    if fmt != "auto":
+        return fmt
+    return "nunchaku" if precision == "nvfp4" or calibrated or gptq else "comfy"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="FLUX.1 transformer: ComfyUI/BFL .safetensors (with or without the "
-                                 "model.diffusion_model. prefix) or a diffusers transformer folder")
-    p.add_argument("output", help="output Nunchaku .safetensors (single file)")
+    p.add_argument("input", help="a diffusion model .safetensors as ComfyUI loads it (with or without the "
+                                 "model.diffusion_model. prefix); for --format nunchaku a FLUX.1 transformer, also "
+                                 "a diffusers transformer folder")
+    p.add_argument("output", help="output .safetensors (single file)")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="comfy: ComfyUI's per-layer svdquant_w4a4/awq_w4a16 layout, any model family (INT4, "
+                        "data-free); nunchaku: Nunchaku's FLUX.1 format (INT4 or NVFP4, calibration, GPTQ); auto "
+                        "(default): comfy, unless --precision nvfp4, --calib or --gptq ask for what only the "
+                        "nunchaku path does")
+    p.add_argument("--family", help="quantization policy (nunchaku_core/models/policies.py): a family of its table "
+                                    "or 'default' for the default rule; by default detected from the tensor names")
     p.add_argument("--precision", choices=("int4", "nvfp4"), default="int4",
                    help="int4: group 64, any GPU since Turing; nvfp4: group 16 + fp8 scales, Blackwell")
     p.add_argument("--rank", type=int, default=32, help="rank R of the 16-bit low-rank branch (default 32)")
@@ -32,6 +48,7 @@ def main(args) -> int:
     from tqdm import tqdm
 
     from .quantize_flux import QuantizeOptions, quantize_flux
+    from .quantize_model import quantize_model
 
     alphas = None
     if args.alphas:
@@ -51,13 +68,23 @@ def main(args) -> int:
         bars[0].update(done - bars[0].n)
         bars[0].set_postfix_str(what, refresh=False)
 
+    fmt = output_format(args.format, args.precision, args.calib is not None, args.gptq)
+    if fmt == "comfy" and args.calib:
+        raise ValueError("--calib: the comfy layout is data-free for now; use --format nunchaku (FLUX.1) to calibrate")
+    if fmt == "nunchaku" and args.family not in (None, "flux"):
+        raise ValueError(f"--family {args.family}: --format nunchaku is FLUX.1 only; use --format comfy")
     try:
-        res = quantize_flux(args.input, args.output, options=opts, calib_path=args.calib, progress=progress,
-                            report_path=args.report, print_table=not args.quiet)
+        if fmt == "comfy":
+            res = quantize_model(args.input, args.output, options=opts, family=args.family, progress=progress,
+                                 report_path=args.report, print_table=not args.quiet)
+        else:
+            res = quantize_flux(args.input, args.output, options=opts, calib_path=args.calib, progress=progress,
+                                report_path=args.report, print_table=not args.quiet)
     finally:
         for b in bars:
             b.close()
-    print(f"wrote {res.output} ({res.variant}, {args.precision}, rank {args.rank}) in {res.seconds:.0f} s")
+    print(f"wrote {res.output} ({fmt} layout, {res.variant}, {args.precision}, rank {args.rank}) in "
+          f"{res.seconds:.0f} s")
     if res.report_path:
         print(f"quality report: {res.report_path}")
     return 0

@@ -25,7 +25,7 @@ from . import flux
 from .calibration import Calibration, fingerprint, load_calibration
 from .flux_source import FluxSource, open_flux_source
 from .formats.nunchaku import default_quantization_config, natural_key, pack_nunchaku_state_dict
-from .formats.safetensors_stream import StreamingSafetensorsWriter
+from .formats.safetensors_stream import write_all
 from . import quantize as _quantize
 from .quantize import quantize_svdquant, quantize_w4a16
 
@@ -224,12 +224,7 @@ def quantize_flux(src_path, out_path, *, options: Optional[QuantizeOptions] = No
         "quantization_config": json.dumps(default_quantization_config(o.precision, -(-o.rank // 16) * 16)),
         "svdquant_quantizer": json.dumps(info),
     }
-    keys = sorted(packed, key=natural_key)
-    entries = [(k, packed[k].dtype, tuple(packed[k].shape)) for k in keys]
-    with StreamingSafetensorsWriter(str(out_path), entries, metadata) as w:
-        for k in keys:
-            w.write(k, packed.pop(k))
-    _default_permissions(out_path)
+    write_all(out_path, packed, metadata, order=natural_key)
     tick("write")
 
     result = QuantizeResult(output=out_path, report_path=None, layers=rows,
@@ -239,14 +234,6 @@ def quantize_flux(src_path, out_path, *, options: Optional[QuantizeOptions] = No
         if print_table:
             print(format_table(rows))
     return result
-
-
-def _default_permissions(path: Path) -> None:
-    """The streaming writer builds the file with mkstemp, which creates it 0600; give it the permissions a
-    plain open() would (0666 minus the umask) so that ComfyUI running as another user can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 VARIANTS = (("naive", "naive W4A4"), ("smooth", "smooth only"), ("svd", "SVD only"), ("svdquant", "SVDQuant"))

@@ -4,7 +4,7 @@ add_wrapper_with_key and the OUTER_SAMPLE executor). What ComfyUI itself does wi
 test's business (not written yet)."""
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -15,9 +15,12 @@ import torch
 from nunchaku_core import flux
 from nunchaku_core import quantize as Q
 from nunchaku_core.calibration import load_calibration
+from nunchaku_core.comfy_native import ComfyNativeCheckpoint
 from nunchaku_core.formats.nunchaku import open_nunchaku
 
 from test_quantize_flux import H, bfl_modules, tiny_bfl, write
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -69,7 +72,10 @@ def comfy(tmp_path, monkeypatch):
     # one smoothing candidate per layer: these tests are about the wiring, not the search
     monkeypatch.setattr(Q, "ALPHAS_DATA_FREE", (1.0,))
     monkeypatch.setattr(Q, "ALPHAS_CALIBRATED", (0.5,))
-    node = importlib.import_module("nodes.quantize")
+    # by path: once a test imported ComfyUI in this process, the name `nodes` is ComfyUI's nodes.py
+    spec = importlib.util.spec_from_file_location("svdq_nodes_quantize", REPO / "nodes" / "quantize.py")
+    node = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(node)
     state.Interrupted = Interrupted
     return node, state, models
 
@@ -81,12 +87,19 @@ def test_quantize_node_writes_into_diffusion_models(comfy):
     assert inputs["model_name"][0] == ["flux-tiny.safetensors"]
     assert inputs["calibration"][0] == [node.NO_CALIBRATION]
     out = node.SVDQuantQuantizeModel().quantize("flux-tiny.safetensors", "tiny-svdq", "int4", 16,
-                                                node.NO_CALIBRATION, False)
+                                                node.NO_CALIBRATION, False, "nunchaku")
     assert out["result"] == ("tiny-svdq.safetensors",)
     assert state.progress[-1] == (16, 16) and len(state.progress) == 16
     with open_nunchaku(models / "diffusion_models" / "tiny-svdq.safetensors") as ck:
         assert ck.quantization_config["rank"] == 16
     assert (models / "diffusion_models" / "tiny-svdq.quality.json").is_file()
+    # the default (auto, data-free INT4): ComfyUI's per-layer layout
+    state.progress.clear()
+    out = node.SVDQuantQuantizeModel().quantize("flux-tiny.safetensors", "tiny-comfy", "int4", 16,
+                                                node.NO_CALIBRATION, False)
+    assert "comfy layout" in out["ui"]["text"][0] and state.progress[-1][0] == state.progress[-1][1]
+    ck = ComfyNativeCheckpoint(str(models / "diffusion_models" / "tiny-comfy.safetensors"))
+    assert "double_blocks.0.img_attn.qkv" in ck.layer_names()
     with pytest.raises(ValueError, match="plain file name"):
         node.SVDQuantQuantizeModel().quantize("flux-tiny.safetensors", "../evil", "int4", 16, node.NO_CALIBRATION, False)
 
@@ -153,4 +166,7 @@ def test_record_calibration_node(comfy):
     inputs = node.SVDQuantQuantizeModel.INPUT_TYPES()["required"]
     assert "my-calib.safetensors" in inputs["calibration"][0]
     node.SVDQuantQuantizeModel().quantize("flux-tiny.safetensors", "calibrated", "int4", 16, "my-calib.safetensors", False)
-    assert (models / "diffusion_models" / "calibrated.safetensors").is_file()
+    assert (models / "diffusion_models" / "calibrated.safetensors").is_file()     # auto + calibration: Nunchaku's
+    with pytest.raises(ValueError, match="data-free for now"):
+        node.SVDQuantQuantizeModel().quantize("flux-tiny.safetensors", "x", "int4", 16, "my-calib.safetensors", False,
+                                              "comfy")

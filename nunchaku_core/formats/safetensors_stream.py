@@ -70,3 +70,17 @@ class StreamingSafetensorsWriter:
             os.replace(self._tmp, self.path)
         else:
             os.unlink(self._tmp)
+
+
+def write_all(path, tensors: dict, metadata: dict[str, str] | None = None, order=None) -> None:
+    """Write every tensor of `tensors` (popping each as it is written, so the caller's dict empties and the
+    memory goes with it) in sorted(tensors, key=order) order, through StreamingSafetensorsWriter; the file gets
+    the permissions a plain open() would give (mkstemp creates it 0600, and ComfyUI may run as another user)."""
+    names = sorted(tensors, key=order)
+    entries = [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in names]
+    with StreamingSafetensorsWriter(str(path), entries, metadata) as w:
+        for k in names:
+            w.write(k, tensors.pop(k))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -1,0 +1,121 @@
+"""The any-family quantizer (nunchaku_core/quantize_model.py) and its policy table (nunchaku_core/models/policies.py)
+on a small random FLUX.1 in ComfyUI's key names: the plan, the comfy-native output (read back by the same reader
+the loader uses), the copied tensors, the report and the refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import flux_models as fm
+from nunchaku_core import reference
+from nunchaku_core.comfy_native import ComfyNativeCheckpoint
+from nunchaku_core.models import policies
+from nunchaku_core.quantize_flux import QuantizeOptions
+from nunchaku_core.quantize_model import ModelSourceError, plan_file, quantize_model
+
+SHAPES = fm.flux_shapes(256, 1, 1, 64, 32, True)
+LINEARS = {k[:-len(".weight")]: s for k, s in SHAPES.items() if k.endswith(".weight") and len(s) == 2}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qm") / "flux.safetensors"
+    save_file(fm.random_state_dict(SHAPES, std=0.02, seed=1), str(path))
+    return path
+
+
+def test_flux_policy_plan():
+    assert policies.family_of(SHAPES) == "flux"
+    plan = policies.plan(LINEARS, "flux")
+    w4a4 = set(plan.of("w4a4"))
+    assert w4a4 == {f"double_blocks.0.{s}_{m}" for s in ("img", "txt") for m in ("attn.qkv", "attn.proj", "mlp.0",
+                                                                                 "mlp.2")} \
+        | {"single_blocks.0.linear1", "single_blocks.0.linear2"}
+    assert {n for n in w4a4 if plan.decisions[n].shifted} == {"double_blocks.0.img_mlp.2", "double_blocks.0.txt_mlp.2"}
+    assert set(plan.of("w4a16")) == {"double_blocks.0.img_mod.lin", "double_blocks.0.txt_mod.lin",
+                                     "single_blocks.0.modulation.lin"}
+    assert "img_in" in plan.of("keep") and "final_layer.adaLN_modulation.1" in plan.of("keep")
+
+
+def test_default_rule():
+    plan = policies.plan({**LINEARS, "blocks.0.tiny": (64, 128), "blocks.1.odd": (512, 300)}, "default")
+    d = plan.decisions
+    assert d["double_blocks.0.img_attn.qkv"].kind == "w4a4" and not d["double_blocks.0.img_mlp.2"].shifted
+    assert d["double_blocks.0.img_mod.lin"].kind == "w4a16" and d["single_blocks.0.modulation.lin"].kind == "w4a16"
+    assert d["img_in"].kind == "keep" and "outside" in d["img_in"].reason
+    assert d["blocks.0.tiny"].kind == "keep" and "64 < 256" in d["blocks.0.tiny"].reason
+    assert d["blocks.1.odd"].kind == "keep" and "multiple of the group size" in d["blocks.1.odd"].reason
+    with pytest.raises(ValueError, match="no quantization policy for model family 'nosuch'"):
+        policies.plan(LINEARS, "nosuch")
+
+
+def test_quantize_any_family_to_comfy_native(source, tmp_path):
+    out = tmp_path / "q.safetensors"
+    steps = []
+    res = quantize_model(source, out, options=QuantizeOptions(rank=16), progress=lambda d, t, w: steps.append((d, t)))
+    assert steps[-1][0] == steps[-1][1] == 10 + 3 + 1
+    ck = ComfyNativeCheckpoint(str(out))
+    plan, _, _ = plan_file(source)
+    assert set(ck.layer_names()) == set(plan.of("w4a4")) | set(plan.of("w4a16"))
+    src = fm.random_state_dict(SHAPES, std=0.02, seed=1)
+    for name in plan.of("w4a4"):
+        layer = ck.layer(name)
+        assert layer.shifted == plan.decisions[name].shifted and layer.proj_down.shape[1] == 16
+        w = src[f"{name}.weight"].float()
+        err = (reference.effective_weight(layer) - w).norm() / w.norm()
+        assert err < 0.25, f"{name}: relative weight error {err:.3f}"      # INT4 on N(0, 0.02): ~0.1
+    with safe_open(str(out), "pt") as f:
+        for key in ck.plain_tensor_names():                                  # copied as stored, bit for bit
+            assert torch.equal(f.get_tensor(key), src[key]), key
+        info = json.loads(f.metadata()["svdquant_quantizer"])
+    assert info["family"] == "flux" and info["layers"] == {"w4a4": 10, "w4a16": 3, "kept": 10}
+    report = json.loads(res.report_path.read_text())
+    assert set(report["info"]["kept"]) == set(plan.of("keep"))
+    assert {r["layer"] for r in report["layers"]} == set(plan.of("w4a4"))
+
+
+def test_checkpoint_prefix_is_dropped(tmp_path):
+    sd = {f"model.diffusion_model.{k}": v for k, v in fm.random_state_dict(SHAPES, std=0.02, seed=2).items()}
+    sd["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4, 4, 3, 3)   # a VAE tensor: not ours to copy
+    src = tmp_path / "ckpt.safetensors"
+    save_file(sd, str(src))
+    quantize_model(src, tmp_path / "q.safetensors", options=QuantizeOptions(rank=8, report=False))
+    with safe_open(str(tmp_path / "q.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "img_in.weight" in keys and not any(k.startswith(("model.", "first_stage")) for k in keys)
+
+
+def test_refusals(source, tmp_path):
+    out = tmp_path / "q.safetensors"
+    quantize_model(source, out, options=QuantizeOptions(rank=8, report=False))
+    with pytest.raises(ModelSourceError, match="already quantized"):
+        quantize_model(out, tmp_path / "again.safetensors")
+    with pytest.raises(ValueError, match="INT4 only"):
+        quantize_model(source, tmp_path / "n.safetensors", options=QuantizeOptions(precision="nvfp4"))
+    save_file({"x.weight": torch.zeros(3)}, str(tmp_path / "none.safetensors"))
+    with pytest.raises(ModelSourceError, match="no Linear weights"):
+        quantize_model(tmp_path / "none.safetensors", tmp_path / "n2.safetensors")
+    assert not (tmp_path / "n.safetensors").exists() and not (tmp_path / "n2.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "zimage", "flux2"])
+def test_family_policies_follow_the_linear_roles(family):
+    """Each family's policy against the roles tests/family_models.py reads from ComfyUI's model code: attention
+    and MLP Linears W4A4 (the MLP output shifted only after a GELU), per-block or shared modulation W4A16, the
+    embedders, final layers and the final layer's modulation 16-bit (as for FLUX.1)."""
+    import family_models as fam
+    shapes = fam.family_shapes(family)
+    assert policies.family_of(shapes) == family
+    linears = {k[:-len(".weight")]: s for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
+    plan = policies.plan(linears, family)
+    final_mod = {"norm_out.linear", "final_layer.adaLN_modulation.1"}
+    for name, role, feeder, *_ in fam.linear_layers(family, shapes):
+        d = plan.decisions[name]
+        want = ("w4a4" if role in ("qkv", "attn_out", "mlp_in", "mlp_out") else
+                "w4a16" if role == "mod" and name not in final_mod else "keep")
+        assert d.kind == want, f"{family}: {name} ({role}, fed by {feeder}) is {d.kind}: {d.reason}"
+        assert d.shifted == (role == "mlp_out" and feeder.startswith("GELU")), f"{family}: {name} shift"
