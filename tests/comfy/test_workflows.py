@@ -1,7 +1,8 @@
-"""The shipped example workflows (workflows/*.json, ComfyUI's template folder for a custom node pack)
+"""The shipped example workflows (example_workflows/*.json, ComfyUI's template folder for a custom node pack)
 against a real ComfyUI: their node types and widget values match /object_info, their model links are
 well-formed, the server serves them with thumbnails as templates, they run, and the web UI opens them with
-no missing node.
+no missing node and draws them: with the host's own frontend and, where the server is new enough, the newest
+frontend on PyPI (a screenshot per workflow and frontend lands in the pytest temp folder).
 
 Running them needs test models in place of the real ones (tens of GB): the SVDQuant loader gets a tiny random
 Nunchaku file (tests/flux_models.py), VAELoader the random TAEF1, and the text-encoder part (CLIP loaders and
@@ -12,12 +13,17 @@ decode, save) runs as shipped, at 64x64 and 2 steps.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +31,7 @@ import pytest
 import flux_models as fm
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOW_DIR = REPO / "workflows"
+WORKFLOW_DIR = REPO / "example_workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 PACK_NAME = "ComfyUI-SVDQuant"  # the custom_nodes folder name conftest installs us under
 # Drawn by the frontend only, never sent to the server, so /object_info does not list them.
@@ -220,46 +226,153 @@ def test_workflow_runs(comfy, object_info, tiny_models, tiny_lora, path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the web UI (headless Chromium)
+# the web UI (headless Chromium), with the host's own frontend and the newest one on PyPI
 # ---------------------------------------------------------------------------------------------------------
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+# The newest comfyui-frontend-package on PyPI (2026-12). The hosts pin their own (ComfyUI 0.3.75: 1.32.9,
+# 0.33: 1.49.6); this one is unpacked into a cache and served with --front-end-root, never installed.
+NEWER_FRONTEND = "1.58.1"
+FRONTEND_CACHE = Path(os.environ.get("SVDQ_FRONTEND_CACHE")
+                      or Path.home() / ".cache" / "comfyui-svdquant" / "frontends")
 
 # Runs in the page: load a template the way the template browser does (fetch it from the pack's route, then
-# app.loadGraphData), recording what the frontend itself reports as missing. ComfyApp.loadGraphData calls
-# showMissingNodesError(types) / showMissingModelsError(models, paths) for that, when it finds any.
+# app.loadGraphData) and leave window.svdqReport(), which returns what the frontend reports as missing.
+# Where that goes depends on the frontend; we look for what it has, not at its version (read in the shipped JS
+# of comfyui-frontend-package 1.32.9, 1.49.6 and 1.58.1):
+# * all three call the extension hook afterConfigureGraph(missingNodeTypes) during the load;
+# * 1.32.9: ComfyApp.loadGraphData calls app.showMissingNodesError(types) and app.showMissingModelsError(models,
+#   paths), which open dialogs; the models are the properties.models entries whose file the server lacks;
+# * 1.49.6, 1.58.1: app.showMissingModelsError is gone and loadGraphData no longer calls showMissingNodesError.
+#   It files missing nodes in the Pinia store "missingNodesError" (.missingNodesError.nodeTypes) and missing
+#   models in the store "missingModel" (.missingModelCandidates: model file names in combo widgets that are not
+#   among the widget's choices, given url/directory from properties.models), shown as an "N issues found" toast
+#   and the Errors panel, and it flags each node with a missing model `has_errors` (red outline).
+# The stores are read through Pinia's root state (pinia.state.value), the Pinia instance through the Vue app
+# that Vue records on its mount element (#vue-app).__vue_app__.
 OPEN_TEMPLATE_JS = """
 const [url, mutate, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
-const app = window.app, seen = {nodes: [], models: []};
+const app = window.app;
+const pinia = document.getElementById("vue-app")?.__vue_app__?.config.globalProperties.$pinia;
+const probe = window.svdqProbe ??= {hooked: null};
+if (!probe.registered) {
+  app.registerExtension({name: "SVDQuant.test.missingNodesProbe",
+                         afterConfigureGraph(missing) { probe.hooked = (missing ?? []).map(t => t.type ?? t); }});
+  probe.registered = true;
+}
+const legacy = typeof app.showMissingModelsError === "function";
+const seen = {nodes: [], models: []};
 const showNodes = app.showMissingNodesError, showModels = app.showMissingModelsError;
-app.showMissingNodesError = (types, ...rest) => { seen.nodes.push(...types.map(t => t.type ?? t)); };
-app.showMissingModelsError = (models, ...rest) => { seen.models.push(...models.map(m => m.name)); };
+if (legacy) {
+  app.showMissingNodesError = (types, ...rest) => { seen.nodes.push(...types.map(t => t.type ?? t)); };
+  app.showMissingModelsError = (models, ...rest) => {
+    seen.models.push(...models.map(m => ({name: m.name, directory: m.directory, url: m.url, nodeId: null})));
+  };
+}
 (async () => {
   try {
     const wf = await (await fetch(url)).json();
     if (mutate) wf.nodes[0].type = "NoSuchNodeType";
+    probe.hooked = null;
     await app.loadGraphData(wf, true, true, "template");
-    const nodes = app.graph.nodes;
-    done({seen, count: nodes.length, expected: wf.nodes.length,
-          unregistered: nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type),
-          errors: nodes.filter(n => n.has_errors).map(n => n.type)});
+    const stores = pinia?.state.value ?? {};
+    if (!legacy && !("missingNodesError" in stores && "missingModel" in stores))
+      throw new Error("this frontend has neither app.showMissingModelsError nor the Pinia stores missingNodesError " +
+                      "and missingModel (stores: " + Object.keys(stores) + "): find where it reports missing nodes now");
+    window.svdqReport = () => {
+      const nodes = app.graph.nodes;
+      return {
+        via: legacy ? "app.showMissingNodesError/showMissingModelsError" : "stores missingNodesError/missingModel",
+        hooked: probe.hooked,
+        nodes: legacy ? seen.nodes : (stores.missingNodesError.missingNodesError?.nodeTypes ?? []).map(t => t.type ?? t),
+        models: legacy ? seen.models : (stores.missingModel.missingModelCandidates ?? []).map(
+          m => ({name: m.name, directory: m.directory, url: m.url, nodeId: m.nodeId == null ? null : String(m.nodeId)})),
+        count: nodes.length, expected: wf.nodes.length,
+        unregistered: nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type),
+        errors: nodes.filter(n => n.has_errors).map(n => ({id: String(n.id), type: n.type})),
+      };
+    };
+    done(window.svdqReport());
   } catch (e) {
     done({error: String(e && e.stack || e)});
   } finally {
-    app.showMissingNodesError = showNodes; app.showMissingModelsError = showModels;
+    if (legacy) { app.showMissingNodesError = showNodes; app.showMissingModelsError = showModels; }
   }
 })();
 """
 
+# Runs in the page after a draw: each node's box on the screen (CSS pixels, title bar included, clipped to
+# the canvas) and whether the canvas (or the node's own DOM element, for Vue-rendered nodes) is what shows
+# at its centre, i.e. no panel or toast covers it.
+NODE_BOXES_JS = """
+const app = window.app, c = app.canvas, el = c.canvas, box = el.getBoundingClientRect();
+const [ox, oy] = c.ds.offset, s = c.ds.scale, th = LiteGraph.NODE_TITLE_HEIGHT;
+return app.graph.nodes.map(n => {
+  const x0 = Math.max(box.left, box.left + (n.pos[0] + ox) * s), x1 = Math.min(box.right, box.left + (n.pos[0] + n.size[0] + ox) * s);
+  const y0 = Math.max(box.top, box.top + (n.pos[1] - th + oy) * s), y1 = Math.min(box.bottom, box.top + (n.pos[1] + n.size[1] + oy) * s);
+  const hit = x1 > x0 && y1 > y0 ? document.elementFromPoint((x0 + x1) / 2, (y0 + y1) / 2) : null;
+  return {id: String(n.id), type: n.type, box: [x0, y0, x1, y1].map(v => v * devicePixelRatio),
+          shown: !!hit && (hit === el || !!hit.closest(`[data-node-id="${n.id}"]`))};
+});
+"""
+# Empty canvas (background and grid) measured 3 colours in screenshots of all three frontends; a drawn node,
+# with its title, slots and widgets in anti-aliased text, 190-600.
+MIN_NODE_COLOURS = 16
+
+
+def fetch_newer_frontend() -> Path:
+    """comfyui-frontend-package==NEWER_FRONTEND's static files, downloaded once with pip into FRONTEND_CACHE."""
+    root = FRONTEND_CACHE / NEWER_FRONTEND / "static"
+    if (root / "index.html").is_file():
+        return root
+    FRONTEND_CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=FRONTEND_CACHE) as tmp:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+                            "-d", tmp, f"comfyui-frontend-package=={NEWER_FRONTEND}"], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if r.returncode or len(wheels) != 1:
+            pytest.fail(f"could not download comfyui-frontend-package=={NEWER_FRONTEND} from PyPI with pip (the web "
+                        f"UI tests run it beside the host's own frontend; set SVDQ_FRONTEND_CACHE to a folder "
+                        f"holding {NEWER_FRONTEND}/static to use a copy):\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            z.extractall(tmp, [n for n in z.namelist() if n.startswith("comfyui_frontend_package/static/")])
+        root.parent.mkdir(exist_ok=True)
+        os.replace(Path(tmp) / "comfyui_frontend_package" / "static", root)  # whole or not at all
+    return root
+
+
+@pytest.fixture(scope="module", params=["host", NEWER_FRONTEND],
+                ids=lambda v: "frontend-host" if v == "host" else f"frontend-{v}")
+def ui_server(request, comfy, comfy_models, tmp_path_factory):
+    """The server whose web UI is tested: the session's, with the host's own frontend, or a second one on the
+    same models serving NEWER_FRONTEND (--front-end-root)."""
+    if request.param == "host":
+        yield comfy
+        return
+    try:
+        comfy._call("/api/jobs?limit=1")
+    except urllib.error.HTTPError as e:
+        if e.code != 404:
+            raise
+        pytest.skip(f"this ComfyUI has no /api/jobs, from which frontend {NEWER_FRONTEND} reads its queue and "
+                    f"history (ComfyUI 0.3.75 lacks it, 0.33 has it)")
+    from conftest import comfy_server
+    root = fetch_newer_frontend()
+    with comfy_server(comfy_models, tmp_path_factory.mktemp("comfy_run_frontend"),
+                      ("--front-end-root", str(root))) as client:
+        yield client
+
 
 @pytest.fixture(scope="module")
-def browser(comfy):
+def browser(ui_server):
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.fail("chromium / chromedriver are not installed: run scripts/setup_env.sh (it installs them unless "
                     "SVDQ_WITH_UI=0)")
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers online
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    # A returning user: on a fresh user folder the frontend opens its Templates dialog over the canvas.
+    ui_server._call("/settings/Comfy.TutorialCompleted", True)
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="svdq-chromium-")
@@ -270,7 +383,7 @@ def browser(comfy):
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_script_timeout(60)
     try:
-        driver.get(comfy.url + "/")
+        driver.get(ui_server.url + "/")
         t0 = time.time()
         while not driver.execute_script("return !!(window.app && window.app.graph && window.LiteGraph)"):
             assert time.time() - t0 < 90, "the ComfyUI frontend did not come up in 90 s"
@@ -281,24 +394,70 @@ def browser(comfy):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_web_ui_opens_template_without_missing_nodes(browser, comfy, path):
-    url = f"/api/workflow_templates/{PACK_NAME}/{path.stem}.json"
-    r = browser.execute_async_script(OPEN_TEMPLATE_JS, url, False)
+def open_template(browser, stem: str, mutate: bool = False) -> dict:
+    r = browser.execute_async_script(OPEN_TEMPLATE_JS, f"/api/workflow_templates/{PACK_NAME}/{stem}.json", mutate)
     assert "error" not in r, r.get("error")
-    assert r["seen"]["nodes"] == [] and r["unregistered"] == [] and r["errors"] == [], r
+    return r
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_web_ui_opens_template_without_missing_nodes(browser, ui_server, path):
+    r = open_template(browser, path.stem)
+    assert r["nodes"] == [] and r["hooked"] == [] and r["unregistered"] == [], r
     assert r["count"] == r["expected"], r
-    # The real model files are not on the test server, so the frontend lists them from properties.models
-    # (except any that another test put into the shared models folders: the frontend rightly skips those).
+    # The real model files are not on the test server, so the frontend lists them, with the url and folder of
+    # properties.models (except any that another test put into the shared models folders: the frontend rightly
+    # skips those).
     entries = [m for n in load(path)["nodes"] for m in n.get("properties", {}).get("models", [])]
-    present = {(d, f) for d in {m["directory"] for m in entries} for f in comfy._call(f"/models/{d}")}
-    wanted = {m["name"] for m in entries if (m["directory"], m["name"]) not in present}
+    present = {(d, f) for d in {m["directory"] for m in entries} for f in ui_server._call(f"/models/{d}")}
+    wanted = {m["name"]: m for m in entries if (m["directory"], m["name"]) not in present}
     assert wanted, "every model of the workflow is present: the missing-models check would test nothing"
-    assert wanted <= set(r["seen"]["models"]), r["seen"]["models"]
+    t0 = time.time()
+    while not set(wanted) <= {m["name"] for m in r["models"]} and time.time() - t0 < 20:
+        time.sleep(0.25)  # the newer frontends finish their model check after loadGraphData returns
+        r = browser.execute_script("return window.svdqReport()")
+    reported = {m["name"]: m for m in r["models"]}
+    assert set(wanted) <= set(reported), (r["via"], r["models"])
+    for name, m in wanted.items():
+        assert (reported[name]["url"], reported[name]["directory"]) == (m["url"], m["directory"]), (r["via"], reported[name])
+    # No node has errors, but the newer frontends mark each node with a missing model: those, and only those.
+    flagged = {m["nodeId"] for m in r["models"]}
+    assert [e for e in r["errors"] if e["id"] not in flagged] == [], r
 
 
 def test_web_ui_check_catches_a_missing_node(browser):
     """The same check on a doctored copy reports the node, so an empty report above means something."""
-    url = f"/api/workflow_templates/{PACK_NAME}/{WORKFLOWS[0].stem}.json"
-    r = browser.execute_async_script(OPEN_TEMPLATE_JS, url, True)
-    assert "NoSuchNodeType" in r["seen"]["nodes"] and "NoSuchNodeType" in r["unregistered"], r
+    r = open_template(browser, WORKFLOWS[0].stem, mutate=True)
+    assert "NoSuchNodeType" in r["nodes"] and "NoSuchNodeType" in r["hooked"], r
+    assert "NoSuchNodeType" in r["unregistered"], r
+
+
+@pytest.fixture(scope="module")
+def screenshot_dir(tmp_path_factory, ui_server):
+    return tmp_path_factory.mktemp("web_ui_screenshots")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_web_ui_draws_the_template(browser, screenshot_dir, request, path):
+    """A screenshot per workflow and frontend (in the pytest temp folder) shows every node the UI leaves
+    uncovered drawn: its box on the canvas is not empty background."""
+    import numpy as np
+    from PIL import Image
+    open_template(browser, path.stem)
+    # the whole graph in view (the zoom menu's "Zoom to fit", in every frontend here), then two frames drawn
+    browser.execute_async_script("""const done = arguments[0];
+        window.app.extensionManager.command.execute("Comfy.Canvas.FitView");
+        requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(done, 300)));""")
+    png = browser.get_screenshot_as_png()
+    boxes = browser.execute_script(NODE_BOXES_JS)
+    frontend = request.node.callspec.params["ui_server"]
+    (screenshot_dir / f"{path.stem}-frontend-{frontend}.png").write_bytes(png)
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    shown = [b for b in boxes if b["shown"]]
+    assert len(shown) >= len(boxes) // 2, f"panels cover most nodes: {boxes}"
+    for b in shown:
+        x0, y0, x1, y1 = (round(v) for v in b["box"])
+        crop = img[y0:y1, x0:x1].reshape(-1, 3)
+        colours = len(np.unique(crop, axis=0))
+        assert colours >= MIN_NODE_COLOURS, (f"{path.stem}: node {b['id']} {b['type']} at {b['box']} shows "
+                                             f"{colours} colours: not drawn (screenshot {screenshot_dir})")
