@@ -3,7 +3,7 @@
 
 For every linear of the 6 BERT layers (fused q|k|v [1152 × 384], attention output [384 × 384], FFN up
 [1536 × 384], FFN down [384 × 1536], the last one post-GELU and therefore shifted in INT4 like FLUX's
-mlp_fc2) we quantize with nunchaku_core.quantize four ways on the same activations: naive W4A4 (RTN),
+mlp_fc2) we quantize with nunchaku_core.quantize.svdquant four ways on the same activations: naive W4A4 (RTN),
 smoothing only, SVD only (rank R) and SVDQuant (smoothing + rank R). α is searched on the calibration
 sentences; every error is measured on held-out sentences.
 
@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nunchaku_core.quantize import ActStats, quantize_svdquant  # noqa: E402
+from nunchaku_core.quantize.svdquant import ActStats, quantize_svdquant  # noqa: E402
 
 # Written for this benchmark: varied topics, lengths and styles.
 CALIBRATION = [

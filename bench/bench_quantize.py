@@ -31,10 +31,10 @@ RUNNER = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
-from nunchaku_core.quantize_flux import QuantizeOptions, quantize_flux
+from nunchaku_core.quantize.flux import QuantizeOptions, quantize_flux
 
 def output_parts(path):
-    from nunchaku_core.flux_source import SafetensorsFile
+    from nunchaku_core.models.flux_source import SafetensorsFile
     f = SafetensorsFile(__import__("pathlib").Path(path))
     parts = {"double": 0, "single": 0, "rest": 0}
     for k, e in f.entries.items():

@@ -11,7 +11,7 @@ import folder_paths
 
 from nunchaku_core import hub
 
-from .loader import DTYPES, load_svdquant_flux
+from .loader import DTYPES, load_svdquant_model
 
 MB = 2**20
 
@@ -49,7 +49,7 @@ class SVDQuantDownloadModel:
 
         name = hub.check_filename(filename.strip())
         path = hub.download(repo_id.strip(), name, revision.strip(), dirs, progress)
-        return (load_svdquant_flux(path, DTYPES[weight_dtype]), name)
+        return (load_svdquant_model(path, DTYPES[weight_dtype]), name)
 
 
 NODE_CLASS_MAPPINGS = {"SVDQuantDownloadModel": SVDQuantDownloadModel}

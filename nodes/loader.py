@@ -1,9 +1,10 @@
-"""'SVDQuant FLUX Loader': an SVDQuant checkpoint from models/diffusion_models -> MODEL.
+"""'SVDQuant Model Loader' (every family) and 'SVDQuant FLUX Loader' (the same path, kept for saved workflows):
+an SVDQuant checkpoint from models/diffusion_models -> MODEL.
 
-ComfyUI builds and runs its own Flux (comfy.ldm.flux); we only choose the supported-model class from the
-checkpoint's configuration instead of ComfyUI's detection (which forces hidden size 3072), hand it our
-custom_operations, and wrap the result in our ModelPatcher. The steps mirror
-comfy.sd.load_diffusion_model_state_dict. ComfyUI's save nodes refuse the model, naming the file and the fix
+ComfyUI detects and builds its own model (comfy.sd.load_diffusion_model_state_dict's steps): detection sees the
+quantized Linears' dense shapes (nodes/comfy_api.dense_shapes), a Nunchaku FLUX.1 file's own configuration overrides
+what detection cannot read from the weights (0.3.75 forces hidden size 3072), our custom_operations take the 4-bit
+parts, and our ModelPatcher wraps the result. ComfyUI's save nodes refuse the model, naming the file and the fix
 (nodes/saving.py).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from nunchaku_core import backend
 
 from . import comfy_api
-from .flux_state_dict import QUANT_KEY, load_flux_checkpoint
+from .checkpoint import QUANT_KEY, load_checkpoint
 from .model_patcher import SVDQuantModelPatcher
 from .ops import operations_for, pack_for_device, quantized_linears
 from .saving import SaveError, flux_save_message
@@ -72,9 +73,9 @@ def release_freed_heap() -> None:
         libc.malloc_trim(0)
 
 
-def load_svdquant_flux(path: str, dtype: torch.dtype | None = None) -> SVDQuantModelPatcher:
+def load_svdquant_model(path: str, dtype: torch.dtype | None = None) -> SVDQuantModelPatcher:
     requested_dtype = dtype
-    ck = load_flux_checkpoint(path)
+    ck = load_checkpoint(path)
     sd = ck.state_dict
     shapes = comfy_api.dense_shapes(sd, QUANT_KEY)
     model_config = comfy_api.model_config_from_unet_config(comfy_api.unet_config(shapes, ck.model_config, path),
@@ -115,7 +116,7 @@ def load_svdquant_flux(path: str, dtype: torch.dtype | None = None) -> SVDQuantM
              ", ".join(f"{k} {cfg[k]}" for k in ("hidden_size", "depth", "depth_single_blocks", "guidance_embed",
                                                   "n_layers", "num_layers", "dim") if k in cfg))
     patcher = SVDQuantModelPatcher(model, load_device=load_device, offload_device=offload_device)
-    comfy_api.register_reload(patcher, load_svdquant_flux, path, requested_dtype)
+    comfy_api.register_reload(patcher, load_svdquant_model, path, requested_dtype)
     return patcher
 
 
@@ -138,7 +139,7 @@ class SVDQuantFluxLoader:
 
     def load(self, model_name, weight_dtype):
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        return (load_svdquant_flux(path, DTYPES[weight_dtype]),)
+        return (load_svdquant_model(path, DTYPES[weight_dtype]),)
 
 
 class SVDQuantModelLoader(SVDQuantFluxLoader):

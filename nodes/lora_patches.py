@@ -16,7 +16,7 @@ them to the dense weight at load time. A quantized Linear has no dense weight. H
   no-op;
 - bias patches (diff_b, BFL control LoRAs' lora_B.bias): added to the layer's bias exactly (fp32).
 
-The terms of one Linear are then split over its quantized parts (nodes/flux_state_dict.QuantizedLinear: rows for
+The terms of one Linear are then split over its quantized parts (nodes/checkpoint.QuantizedLinear: rows for
 "out", input columns for "in") and joined to each part's low-rank branch (SVDQuantLinear.with_lora: D ← [D |
 down], U ← [U | s·up], fp32, no re-quantization) or, on a W4A16 modulation part, run beside it as a
 LowRankDelta. A part that no term reaches keeps its original module, so strength 0 (terms dropped) and removing
@@ -37,7 +37,8 @@ import comfy.lora
 import comfy.weight_adapter
 import torch
 
-from nunchaku_core import cpu_packing, reference
+from nunchaku_core.kernels import cpu_packing
+from nunchaku_core import reference
 from nunchaku_core.linear import SVDQuantLinear
 from nunchaku_core.lora import LowRankDelta, compress_to_lowrank, split_cols, split_rows
 

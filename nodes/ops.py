@@ -1,5 +1,5 @@
 """ComfyUI custom_operations for SVDQuant models: ComfyUI builds its own Flux with these ops; every Linear
-loads either a stock weight/bias or the quantized layers nodes/flux_state_dict.py put under
+loads either a stock weight/bias or the quantized layers nodes/checkpoint.py put under
 `<layer>.svdquant`, and the quantized ones run through nunchaku_core.linear. Everything else is ComfyUI's.
 
 Linear weights are created at load time, not in __init__: torch.nn.Linear.__init__ would allocate a full
@@ -17,7 +17,7 @@ from nunchaku_core.layer import SVDQuantLayer
 from nunchaku_core.linear import SVDQuantLinear, W4A16Linear
 
 from . import comfy_api
-from .flux_state_dict import QUANT_KEY, QuantizedLinear
+from .checkpoint import QUANT_KEY, QuantizedLinear
 
 
 def _layer_to(layer, device: torch.device):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
-from nunchaku_core.quantize_cli import FORMATS, output_format
+from nunchaku_core.quantize.cli import FORMATS, output_format
 
 log = logging.getLogger("SVDQuant")
 
@@ -72,8 +72,8 @@ class SVDQuantQuantizeModel:
         import comfy.model_management
         import comfy.utils
         import folder_paths
-        from nunchaku_core.quantize_flux import QuantizeOptions, format_table, quantize_flux
-        from nunchaku_core.quantize_model import quantize_model
+        from nunchaku_core.quantize.flux import QuantizeOptions, format_table, quantize_flux
+        from nunchaku_core.quantize.model import quantize_model
 
         src = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         # next to the source: that is a diffusion_models folder the user picked (with extra model paths the
@@ -125,7 +125,7 @@ class SVDQuantRecordCalibration:
 
     def patch(self, model, file_name, max_rows):
         import comfy.patcher_extension
-        from nunchaku_core.calibration import recorder_for_module
+        from nunchaku_core.quantize.calibration import recorder_for_module
 
         path = os.path.join(_calibration_folder(), _file_name(file_name, "file_name"))
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -24,7 +24,7 @@ import folder_paths
 
 from nunchaku_core.formats import nunchaku_t5
 
-from .flux_state_dict import QUANT_KEY, QuantizedLinear
+from .checkpoint import QUANT_KEY, QuantizedLinear
 from .loader import release_freed_heap
 from . import comfy_api
 from .model_patcher import SVDQuantModelPatcher

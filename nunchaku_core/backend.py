@@ -43,7 +43,8 @@ from typing import Optional, Union
 
 import torch
 
-from . import cpu_packing, reference
+from .kernels import cpu_packing
+from . import reference
 from .kernels import tiled
 from .layer import SVDQuantLayer, W4A16Layer
 
@@ -69,7 +70,7 @@ if _C is not None:  # a stale build (layout changed since) is as good as none: r
     _stale = {k: v for k, v in _C.layout_constants().items() if getattr(cpu_packing, k, None) != v}
     if _stale:
         _C, _C_ERROR = None, ImportError(f"nunchaku_core._C is stale: its layout constants {_stale} differ from "
-                                         f"nunchaku_core.cpu_packing's")
+                                         f"nunchaku_core.kernels.cpu_packing's")
 
 _said: set = set()
 
@@ -281,7 +282,7 @@ def pack_svdquant(layer: SVDQuantLayer, device: Union[str, torch.device] = "cpu"
         _unfit(backend, "cpu", f"rank {layer.R} exceeds the CPU kernels' limit {cpu_packing.MAX_RANK}", "max-rank")
         chosen = "tiled"
     if chosen == "cuda":
-        from . import cuda_packing
+        from .kernels import cuda_packing
         if layer.K % cuda_packing.TILE_K or layer.R > cuda_packing.MAX_RANK:
             _unfit(backend, "cuda", f"K = {layer.K}, rank {layer.R}: the CUDA kernels need K % {cuda_packing.TILE_K} "
                                     f"== 0 and rank <= {cuda_packing.MAX_RANK}", "cuda-shape")
@@ -308,7 +309,7 @@ def pack_w4a16(layer: W4A16Layer, device: Union[str, torch.device] = "cpu", back
     if chosen == "cpu":
         return Packed("cpu", resolved, device, _without_codes(layer), cpu_packing.pack_w4a16(layer))
     if chosen == "cuda":
-        from . import cuda_packing
+        from .kernels import cuda_packing
         return Packed("cuda", resolved, device, layer, _to(cuda_packing.pack_w4a16_layer(layer), device))
     if chosen == "triton":
         _, w4a16 = triton_kernels()
@@ -360,7 +361,7 @@ def repack_bias(packed: Packed, layer: W4A16Layer) -> Packed:
     if packed.backend == "tiled":
         return Packed("tiled", packed.resolved, packed.device, _without_codes(layer), packed.kernel)
     if packed.backend == "cuda":
-        from . import cuda_packing
+        from .kernels import cuda_packing
         return Packed("cuda", packed.resolved, packed.device, layer,
                       _to(cuda_packing.pack_w4a16_layer(layer), packed.device))
     return Packed(packed.backend, packed.resolved, packed.device, layer)

@@ -59,7 +59,7 @@ def cmd_inspect(args) -> int:
 def cmd_dequantize(args) -> int:
     from tqdm import tqdm
 
-    from .dequantize import dequantize_file
+    from .formats.dequantize import dequantize_file
     from .formats.nunchaku import open_nunchaku
 
     with open_nunchaku(args.input) as ckpt:
@@ -103,9 +103,9 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_dequantize)
 
     _add_module_command(sub, argv, "quantize", "quantize a diffusion model to an SVDQuant checkpoint",
-                        "quantize_cli")
+                        "quantize.cli")
     _add_module_command(sub, argv, "quantize-t5", "quantize a T5 encoder to the 4-bit W4A16 (AWQ) format",
-                        "quantize_t5")
+                        "quantize.t5")
     return p
 
 

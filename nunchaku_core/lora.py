@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import flux
+from .models import flux
 from .layer import SVDQuantLayer, W4A16Layer
 
 

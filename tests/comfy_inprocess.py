@@ -36,12 +36,12 @@ def pack_module(name: str):
     return sys.modules[f"{PACK}.nodes.{name}"]
 
 
-def flux_state_dict_module():
-    """nodes/flux_state_dict.py (no comfy imports) loaded by path, without ComfyUI: `nodes` may name ComfyUI's
+def checkpoint_module():
+    """nodes/checkpoint.py (no comfy imports) loaded by path, without ComfyUI: `nodes` may name ComfyUI's
     own module in these processes. One module object per process (dataclasses look their module up by name)."""
     name = "svdq_flux_state_dict"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "nodes" / "flux_state_dict.py")
+        spec = importlib.util.spec_from_file_location(name, REPO / "nodes" / "checkpoint.py")
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
     return sys.modules[name]

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nunchaku_core import flux
-from nunchaku_core.comfy_native import svdquant_to_comfy, w4a16_to_comfy
+from nunchaku_core.models import flux
+from nunchaku_core.formats.comfy_native import svdquant_to_comfy, w4a16_to_comfy
 from nunchaku_core.formats.nunchaku import write_nunchaku
 from nunchaku_core.layer import SVDQuantLayer, W4A16Layer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from nunchaku_core import flux
+from nunchaku_core.models import flux
 from nunchaku_core.formats.nunchaku import write_nunchaku
 from nunchaku_core.layer import GROUP_SIZE, SVDQuantLayer, W4A16Layer
 

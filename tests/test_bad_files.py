@@ -1,7 +1,7 @@
 """Bad checkpoint files, for every reader: a NaN or ±Inf in any float tensor the numerics consume, a missing
 bias that FLUX.1 has, and a seeded fuzz of random mutations (header bytes, truncation, NaN, dropped keys, wrong
 dtype or shape). Loading either succeeds or raises the pack's own ValueError naming the file; never another
-exception. Loads go through what the nodes call: nodes/flux_state_dict.load_flux_checkpoint (Nunchaku and
+exception. Loads go through what the nodes call: nodes/checkpoint.load_checkpoint (Nunchaku and
 ComfyUI-native FLUX files) and open_t5 + every tensor and layer (the 4-bit T5)."""
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import flux_models as fm
-from comfy_inprocess import flux_state_dict_module
-from nunchaku_core import flux
+from comfy_inprocess import checkpoint_module
+from nunchaku_core.models import flux
 from nunchaku_core.formats import nunchaku_t5 as nt
 from nunchaku_core.formats.finite import FIX
 from nunchaku_core.formats.nunchaku import CheckpointError, write_nunchaku
@@ -26,7 +26,7 @@ from nunchaku_core.layer import W4A16Layer
 
 
 
-fsd = flux_state_dict_module()
+fsd = checkpoint_module()
 PACK_ERRORS = (ValueError, CheckpointError, fsd.NotSVDQuantError, fsd.UnsupportedModelError)
 
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
@@ -51,7 +51,7 @@ def write_t5(path: Path) -> Path:
 def load(kind: str, path: Path) -> None:
     """Read the file completely, as the nodes do."""
     if kind != "t5":
-        fsd.load_flux_checkpoint(str(path))
+        fsd.load_checkpoint(str(path))
         return
     f = nt.open_t5(str(path))
     for key in f.keys:

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from nunchaku_core import reference
-from nunchaku_core.dequantize import iter_effective_state_dict
+from nunchaku_core.formats.dequantize import iter_effective_state_dict
 from nunchaku_core.formats.nunchaku import open_nunchaku
 from random_checkpoint import write_random_flux
 

@@ -1,4 +1,4 @@
-"""Files our quantizer writes in ComfyUI's native layout (nunchaku_core/quantize_model.py through
+"""Files our quantizer writes in ComfyUI's native layout (nunchaku_core/quantize/model.py through
 comfy_native.svdquant_to_comfy / w4a16_to_comfy) run in comfy-kitchen's own eager `svdquant_w4a4` / `awq_w4a16`
 code (PyPI comfy-kitchen 0.2.31, ComfyUI 0.33's pin) with the outputs of our reference (nunchaku_core.reference) on
 the same inputs, within the bounds derived below. The kitchen side is built only from the tensors read back from
@@ -51,10 +51,10 @@ from safetensors.torch import save_file
 
 import flux_models as fm
 from nunchaku_core import reference
-from nunchaku_core.comfy_native import AWQ_FORMAT, SVDQUANT_FORMAT, ComfyNativeCheckpoint, unpack_nibbles
+from nunchaku_core.formats.comfy_native import AWQ_FORMAT, SVDQUANT_FORMAT, ComfyNativeCheckpoint, unpack_nibbles
 from nunchaku_core.layer import SIGMA
-from nunchaku_core.quantize_flux import QuantizeOptions
-from nunchaku_core.quantize_model import quantize_model
+from nunchaku_core.quantize.flux import QuantizeOptions
+from nunchaku_core.quantize.model import quantize_model
 
 try:
     import comfy_kitchen as ck

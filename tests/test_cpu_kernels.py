@@ -19,7 +19,8 @@ import math
 import pytest
 import torch
 
-from nunchaku_core import backend, cpu_packing, reference
+from nunchaku_core import backend, reference
+from nunchaku_core.kernels import cpu_packing
 from nunchaku_core.layer import SIGMA, SVDQuantLayer, W4A16Layer
 
 _C = backend._C

@@ -1,4 +1,4 @@
-"""The CUDA kernels' packed layouts (nunchaku_core/cuda_packing.py, csrc/cuda/layout.cuh).
+"""The CUDA kernels' packed layouts (nunchaku_core/kernels/cuda_packing.py, csrc/cuda/layout.cuh).
 
 No GPU here, so the kernels themselves never run. What can be checked on the CPU:
   1. unpack(pack(x)) == x for every packed operand, at awkward shapes;
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nunchaku_core import cuda_packing as cp
+from nunchaku_core.kernels import cuda_packing as cp
 from nunchaku_core import reference
 from nunchaku_core.layer import SVDQuantLayer, W4A16Layer
 

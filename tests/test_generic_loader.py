@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from comfy_inprocess import pack_module
 from flux_models import random_svdquant_layer
-from nunchaku_core.comfy_native import svdquant_to_comfy
+from nunchaku_core.formats.comfy_native import svdquant_to_comfy
 
 
 def test_undetectable_family_is_a_clear_error(tmp_path):
@@ -20,4 +20,4 @@ def test_undetectable_family_is_a_clear_error(tmp_path):
     path = tmp_path / "mystery.safetensors"
     save_file(tensors, str(path))
     with pytest.raises(ValueError, match=rf"{path}: ComfyUI's model detection does not recognise"):
-        loader.load_svdquant_flux(str(path))
+        loader.load_svdquant_model(str(path))

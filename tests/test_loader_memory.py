@@ -1,4 +1,4 @@
-"""What the SVDQuant FLUX loader keeps resident (nodes/loader.py, nodes/flux_state_dict.py), with ComfyUI imported
+"""What the SVDQuant FLUX loader keeps resident (nodes/loader.py, nodes/checkpoint.py), with ComfyUI imported
 in-process and tiny random checkpoints (bf16 unquantized tensors, as published checkpoints have):
 
 - the unquantized weights stay in the file's bf16 and ComfyUI's manual_cast widens them per call to the fp32 it
@@ -18,7 +18,7 @@ from comfy_inprocess import pack_module
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     path = fm.write_random_nunchaku_flux(tmp_path_factory.mktemp("mem") / "int4.safetensors")
-    return path, pack_module("loader").load_svdquant_flux(str(path))
+    return path, pack_module("loader").load_svdquant_model(str(path))
 
 
 def test_unquantized_weights_stay_bf16_and_compute_is_exact_fp32(loaded):

@@ -72,7 +72,7 @@ def _release():
 def load(nodes, files, which: str):
     """One patcher per file for the module (loading the 57-block model takes a few seconds)."""
     if which not in _loaded:
-        _loaded[which] = nodes["loader"].load_svdquant_flux(str(files[which]))
+        _loaded[which] = nodes["loader"].load_svdquant_model(str(files[which]))
     return _loaded[which]
 
 

@@ -307,7 +307,7 @@ def test_module_with_lora_shares_codes_and_matches_a_fresh_pack(backend, precisi
     """SVDQuantLinear.with_lora repacks only the low-rank branch and the bias; its output must be bit-identical
     to a module built from scratch on the same extended layer (same kernel, same packed data), and the original
     module must be untouched. Ranks 32 + 40 + 9 = 81 (not a multiple of 16)."""
-    from nunchaku_core import cpu_packing
+    from nunchaku_core.kernels import cpu_packing
     from nunchaku_core.linear import SVDQuantLinear
     g = gen(11)
     layer = random_svdquant(96, 128, 32, precision, g, shifted=shifted)

@@ -1,7 +1,7 @@
 """Nunchaku's Qwen-Image and Z-Image files (nunchaku_core/formats/nunchaku_dit.py): files built with Nunchaku's
 naming and packing, element by element (tests/nunchaku_dit_files.py), read into ComfyUI's own names with every
 quantized layer's effective weight and bias equal to the expectation computed independently in float64; the
-loader's branch (nodes/flux_state_dict.load_flux_checkpoint); ComfyUI's own models, in the ComfyUI these tests run
+loader's branch (nodes/checkpoint.load_checkpoint); ComfyUI's own models, in the ComfyUI these tests run
 with, have exactly these keys and shapes; bad files fail naming the file and the key.
 
 Tolerance (as tests/test_original_tooling.py): reference.effective_weight forms main = out_scale·(code·scale)/s,
@@ -19,7 +19,7 @@ import json
 import pytest
 import torch
 
-from comfy_inprocess import flux_state_dict_module
+from comfy_inprocess import checkpoint_module
 from nunchaku_core import reference
 from nunchaku_core.formats.nunchaku import CheckpointError, open_nunchaku
 from nunchaku_core.formats.nunchaku_dit import QWEN_IMAGE, ZIMAGE, family_of, read_nunchaku_dit, split_rows
@@ -125,11 +125,11 @@ def test_fused_layers_split_exactly(built):
 
 @pytest.mark.parametrize("family,precision,skip", [CASES[0], CASES[4]], ids=[IDS[0], IDS[4]])
 def test_loader_branch(built, family, precision, skip):
-    """load_flux_checkpoint: `<ComfyUI Linear>.svdquant` -> QuantizedLinear of one part, plain tensors as read,
+    """load_checkpoint: `<ComfyUI Linear>.svdquant` -> QuantizedLinear of one part, plain tensors as read,
     family None (ComfyUI's detection decides) and no FLUX configuration."""
-    fsd = flux_state_dict_module()
+    fsd = checkpoint_module()
     b, path = built(family, precision, skip)
-    ck = fsd.load_flux_checkpoint(str(path))
+    ck = fsd.load_checkpoint(str(path))
     assert (ck.family, ck.model_config, ck.layout, ck.precision) == (None, {}, "nunchaku", precision)
     dit = read(path)
     want = {f"{k}.{fsd.QUANT_KEY}" if isinstance(v, (SVDQuantLayer, W4A16Layer)) else k for k, v in dit.state.items()}
@@ -157,11 +157,11 @@ def test_comfy_models_have_these_keys_and_shapes(built):
     from comfy.ldm.lumina.model import NextDiT
     from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
 
-    fsd, comfy_api = pack_module("flux_state_dict"), pack_module("comfy_api")
+    fsd, comfy_api = pack_module("checkpoint"), pack_module("comfy_api")
     ops = comfy.ops.disable_weight_init
     for family, skip in ((QWEN_IMAGE, False), (ZIMAGE, False), (ZIMAGE, True)):
         b, path = built(family, "int4", skip)
-        ck = fsd.load_flux_checkpoint(str(path))
+        ck = fsd.load_checkpoint(str(path))
         dense = comfy_api.dense_shapes(ck.state_dict, fsd.QUANT_KEY)
         got = {k: tuple(v.shape) for k, v in dense.items()}
         if family == QWEN_IMAGE:

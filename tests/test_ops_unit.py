@@ -1,7 +1,7 @@
 """The loader without a server: ComfyUI imported in-process, tiny (hidden 256) random checkpoints.
 
 Checks that every ComfyUI Linear ends up holding the right checkpoint layer (against the effective-weight
-export of nunchaku_core.dequantize, an independent name mapping that tests/test_original_tooling.py checks
+export of nunchaku_core.formats.dequantize, an independent name mapping that tests/test_original_tooling.py checks
 against the original packer), the configuration each FLUX variant gets, the ComfyUI-native layout, memory
 accounting and the error messages for bad files.
 """
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from nunchaku_core import reference
-from nunchaku_core.comfy_native import (decode_comfy_quant, svdquant_from_comfy, svdquant_to_comfy, w4a16_from_comfy,
+from nunchaku_core.formats.comfy_native import (decode_comfy_quant, svdquant_from_comfy, svdquant_to_comfy, w4a16_from_comfy,
                                         w4a16_to_comfy)
-from nunchaku_core.dequantize import iter_effective_state_dict
+from nunchaku_core.formats.dequantize import iter_effective_state_dict
 from nunchaku_core.formats.nunchaku import CheckpointError, open_nunchaku
 from nunchaku_core.layer import tensors_equal
 
@@ -67,7 +67,7 @@ def test_linears_match_effective_weights(pack, files, caplog):
     W4A16 and plain layers see identical fp32 operands: only summation order differs, ≤ K·u·Σ|x||w| per entry.
     """
     caplog.set_level(logging.WARNING)
-    patcher = pack.load_svdquant_flux(str(files["int4"]))
+    patcher = pack.load_svdquant_model(str(files["int4"]))
     assert not [r for r in caplog.records if "unet missing" in r.message or "unet unexpected" in r.message]
     with open_nunchaku(files["int4"]) as ck:
         eff = dict(iter_effective_state_dict(ck, torch.float32))
@@ -110,7 +110,7 @@ def test_forward_and_sampling_objects(pack, files):
     """The loaded model runs ComfyUI's own Flux forward; ComfyUI's model wrapper and sampling are stock."""
     import comfy.model_base
     import comfy.model_sampling
-    patcher = pack.load_svdquant_flux(str(files["int4"]))
+    patcher = pack.load_svdquant_model(str(files["int4"]))
     assert type(patcher.model) is comfy.model_base.Flux
     assert isinstance(patcher.model.model_sampling, comfy.model_sampling.ModelSamplingFlux)
     x = torch.randn(1, 16, 8, 8)
@@ -121,7 +121,7 @@ def test_forward_and_sampling_objects(pack, files):
 
 def test_model_size_counts_quantized_tensors(pack, files):
     import comfy.model_management
-    patcher = pack.load_svdquant_flux(str(files["int4"]))
+    patcher = pack.load_svdquant_model(str(files["int4"]))
     sd = patcher.model.state_dict()
     # quantized Linears list weight/bias as data-free meta tensors of the dense shape (for ComfyUI's LoRA key
     # maps); ComfyUI's module_size would count them as dense, our model_size must not
@@ -143,7 +143,7 @@ def test_model_size_counts_quantized_tensors(pack, files):
 
 
 def test_device_move_keeps_codes_and_dtypes(pack, files):
-    patcher = pack.load_svdquant_flux(str(files["nvfp4"]))
+    patcher = pack.load_svdquant_model(str(files["nvfp4"]))
     patcher.model.to("meta")
     layers = [p.layer for m in _linears(patcher.model).values() if m.parts is not None for p in m.parts]
     assert layers and all(layer.codes.device.type == "meta" for layer in layers)
@@ -165,7 +165,7 @@ def test_device_move_keeps_codes_and_dtypes(pack, files):
 ])
 def test_variant_model_class(pack, files, variant, kw, cls):
     path = fm.write_random_nunchaku_flux(files["dir"] / f"{variant}.safetensors", **kw)
-    patcher = pack.load_svdquant_flux(str(path))
+    patcher = pack.load_svdquant_model(str(path))
     assert type(patcher.model.model_config).__name__ == cls
     params = patcher.model.diffusion_model.params
     assert (params.hidden_size, params.num_heads, params.in_channels) == (256, 2, kw.get("in_channels", 16))
@@ -177,12 +177,12 @@ def test_legacy_folder_and_foreign_comfy_config_keys(pack, files):
     keys Nunchaku's own node pack writes (disable_unet_model_creation would stop ComfyUI building the model)."""
     folder = fm.write_random_nunchaku_flux(files["dir"] / "legacy", legacy_folder=True,
                                            comfy_extra={"disable_unet_model_creation": True, "unknown": 1})
-    patcher = pack.load_svdquant_flux(str(folder / "transformer_blocks.safetensors"))
+    patcher = pack.load_svdquant_model(str(folder / "transformer_blocks.safetensors"))
     assert patcher.model.diffusion_model.params.hidden_size == 256
 
 
 def test_bf16_weight_dtype(pack, files):
-    patcher = pack.load_svdquant_flux(str(files["int4"]), torch.bfloat16)
+    patcher = pack.load_svdquant_model(str(files["int4"]), torch.bfloat16)
     assert patcher.model.get_dtype() == torch.bfloat16
     assert patcher.model.diffusion_model.img_in.weight.dtype == torch.bfloat16
     out = patcher.model.apply_model(torch.randn(1, 16, 4, 4), torch.tensor([0.5]), c_crossattn=torch.randn(1, 3, 64),
@@ -201,7 +201,7 @@ def test_load_logs_the_backend_once(pack, files, caplog, monkeypatch, precision,
     else:
         monkeypatch.setenv("SVDQ_BACKEND", env)
     caplog.set_level(logging.INFO)
-    patcher = pack.load_svdquant_flux(str(files[precision]))
+    patcher = pack.load_svdquant_model(str(files[precision]))
     for _ in range(2):
         out = patcher.model.apply_model(torch.randn(1, 16, 4, 4), torch.tensor([0.5]),
                                         c_crossattn=torch.randn(1, 3, 64), y=torch.randn(1, 32),
@@ -215,7 +215,7 @@ def test_load_logs_the_backend_once(pack, files, caplog, monkeypatch, precision,
 
 
 def test_int4_keeps_automatic_backend(pack, files):
-    patcher = pack.load_svdquant_flux(str(files["int4"]))
+    patcher = pack.load_svdquant_model(str(files["int4"]))
     parts = [p for m in _linears(patcher.model).values() if m.parts is not None for p in m.parts]
     assert {p.backend for p in parts} == {None}
 
@@ -275,7 +275,7 @@ def test_comfy_native_awq_matches_kitchen_formula():
 
 def test_comfy_native_file_loads(pack, files, caplog):
     caplog.set_level(logging.WARNING)
-    patcher = pack.load_svdquant_flux(str(files["native"]))
+    patcher = pack.load_svdquant_model(str(files["native"]))
     assert not [r for r in caplog.records if "unet missing" in r.message or "unet unexpected" in r.message]
     assert type(patcher.model.model_config).__name__ == "Flux"
     linears = _linears(patcher.model)
@@ -292,7 +292,7 @@ def test_comfy_native_file_loads(pack, files, caplog):
 def test_not_svdquant(pack, files):
     path = fm.write_flux_bfl(files["dir"] / "plain.safetensors", hidden=256)
     with pytest.raises(ValueError, match="not an SVDQuant checkpoint.*Load Diffusion Model"):
-        pack.load_svdquant_flux(str(path))
+        pack.load_svdquant_model(str(path))
 
 
 def test_truncated(pack, files):
@@ -301,11 +301,11 @@ def test_truncated(pack, files):
         path = files["dir"] / f"truncated_{n}.safetensors"
         path.write_bytes(data[:n])
         with pytest.raises(CheckpointError, match=str(path)):
-            pack.load_svdquant_flux(str(path))
+            pack.load_svdquant_model(str(path))
 
 
 def test_unsupported_family(pack, files):
     path = fm.write_random_nunchaku_flux(files["dir"] / "sana.safetensors",
                                          model_class="NunchakuSanaTransformer2DModel", comfy_config=False)
     with pytest.raises(ValueError, match="NunchakuSanaTransformer2DModel.*not supported yet"):
-        pack.load_svdquant_flux(str(path))
+        pack.load_svdquant_model(str(path))

@@ -82,7 +82,7 @@ def _lowvram(env, patcher, budget: int):
 
 
 def test_lowvram_partial_load_matches_full_load(env):
-    patcher = env["loader"].load_svdquant_flux(env["path"])
+    patcher = env["loader"].load_svdquant_model(env["path"])
     full = _full(env, patcher)
     out, cast, quantized, _ = _lowvram(env, patcher, budget=patcher.model_size() // 2)
     assert patcher.model.model_lowvram is False     # unpatched again
@@ -94,7 +94,7 @@ def test_lowvram_partial_load_matches_full_load(env):
 def test_lowvram_partial_load_with_lora_matches_full_load(env):
     # fp32 unquantized layers: a full load adds ComfyUI's LoRA to their stored weights (rounded to the storage
     # dtype), a partial load per call in fp32; only in fp32 storage are both the same bits (README, LoRA)
-    patcher = env["loader"].load_svdquant_flux(env["path"], torch.float32)
+    patcher = env["loader"].load_svdquant_model(env["path"], torch.float32)
     base = _full(env, patcher)
     lora_sd, _ = lora_files.kohya(**TINY, seed=22)
     patched, _ = env["sd"].load_lora_for_models(patcher, None, lora_sd, 0.9, 0)
@@ -108,7 +108,7 @@ def test_lowvram_partial_load_with_lora_matches_full_load(env):
 
 
 def test_partially_unload_and_load_again(env):
-    patcher = env["loader"].load_svdquant_flux(env["path"], torch.float32)   # fp32: as in the test above
+    patcher = env["loader"].load_svdquant_model(env["path"], torch.float32)   # fp32: as in the test above
     lora_sd, _ = lora_files.bfl(**TINY, seed=23)
     patched, _ = env["sd"].load_lora_for_models(patcher, None, lora_sd, 0.6, 0)
     full = _full(env, patched)
@@ -125,7 +125,7 @@ def test_partially_unload_and_load_again(env):
 def test_budget_counts_the_quantized_bytes(env):
     """ComfyUI's per-module sizes (ModelPatcher._load_list) and model size are the 4-bit parts' real bytes,
     not the dense placeholders' (a quarter or less of bf16)."""
-    patcher = env["loader"].load_svdquant_flux(env["path"])
+    patcher = env["loader"].load_svdquant_model(env["path"])
     ops = env["ops"]
     quantized = dict(ops.quantized_linears(patcher.model))
     seen = 0
@@ -147,8 +147,8 @@ def test_dynamic_vram_setting_keeps_the_classic_patcher(env, monkeypatch):
     dynamic = getattr(mp, "ModelPatcherDynamic", None)
     if dynamic is not None:
         monkeypatch.setattr(mp, "CoreModelPatcher", dynamic)
-    reference = _full(env, env["loader"].load_svdquant_flux(env["path"]))
-    patcher = env["loader"].load_svdquant_flux(env["path"])
+    reference = _full(env, env["loader"].load_svdquant_model(env["path"]))
+    patcher = env["loader"].load_svdquant_model(env["path"])
     assert type(patcher).__name__ == "SVDQuantModelPatcher"
     assert not getattr(patcher, "is_dynamic", lambda: False)()   # is_dynamic: 0.33+
     assert torch.equal(_full(env, patcher), reference)

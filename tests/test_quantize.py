@@ -1,4 +1,4 @@
-"""quantize.py on single layers: weight quantizers (error bounds derived from the grids), the low-rank
+"""nunchaku_core/quantize/svdquant.py on single layers: weight quantizers (error bounds derived from the grids), the low-rank
 branch (randomized vs exact SVD), the layer build (effective weight, shift compensation), GPTQ, W4A16,
 and the fast evaluation forward against reference.svdquant_linear."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nunchaku_core import quantize as Q
+from nunchaku_core.quantize import svdquant as Q
 from nunchaku_core import reference as ref
 from nunchaku_core.layer import SIGMA
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nunchaku_core import flux
+from nunchaku_core.models import flux
 from nunchaku_core import reference as ref
-from nunchaku_core.calibration import CalibrationError, CalibrationRecorder, fingerprint, load_calibration
-from nunchaku_core.flux_source import (DIFFUSERS_DOUBLE, DIFFUSERS_DOUBLE_NORMS, DIFFUSERS_SINGLE,
+from nunchaku_core.quantize.calibration import CalibrationError, CalibrationRecorder, fingerprint, load_calibration
+from nunchaku_core.models.flux_source import (DIFFUSERS_DOUBLE, DIFFUSERS_DOUBLE_NORMS, DIFFUSERS_SINGLE,
                                        DIFFUSERS_SINGLE_NORMS, open_flux_source)
 from nunchaku_core.formats.nunchaku import open_nunchaku
-from nunchaku_core.quantize_flux import QuantizeOptions, quantize_flux
+from nunchaku_core.quantize.flux import QuantizeOptions, quantize_flux
 
 from flux_models import flux_shapes
 

@@ -1,4 +1,4 @@
-"""The any-family quantizer (nunchaku_core/quantize_model.py) and its policy table (nunchaku_core/models/policies.py)
+"""The any-family quantizer (nunchaku_core/quantize/model.py) and its policy table (nunchaku_core/models/policies.py)
 on a small random FLUX.1 in ComfyUI's key names: the plan, the comfy-native output (read back by the same reader
 the loader uses), the copied tensors, the report and the refusals."""
 from __future__ import annotations
@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 
 import flux_models as fm
 from nunchaku_core import reference
-from nunchaku_core.comfy_native import ComfyNativeCheckpoint
+from nunchaku_core.formats.comfy_native import ComfyNativeCheckpoint
 from nunchaku_core.models import policies
-from nunchaku_core.quantize_flux import QuantizeOptions
-from nunchaku_core.quantize_model import ModelSourceError, plan_file, quantize_model
+from nunchaku_core.quantize.flux import QuantizeOptions
+from nunchaku_core.quantize.model import ModelSourceError, plan_file, quantize_model
 
 SHAPES = fm.flux_shapes(256, 1, 1, 64, 32, True)
 LINEARS = {k[:-len(".weight")]: s for k, s in SHAPES.items() if k.endswith(".weight") and len(s) == 2}

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nunchaku_core import flux
-from nunchaku_core import quantize as Q
-from nunchaku_core.calibration import load_calibration
-from nunchaku_core.comfy_native import ComfyNativeCheckpoint
+from nunchaku_core.models import flux
+from nunchaku_core.quantize import svdquant as Q
+from nunchaku_core.quantize.calibration import load_calibration
+from nunchaku_core.formats.comfy_native import ComfyNativeCheckpoint
 from nunchaku_core.formats.nunchaku import open_nunchaku
 
 from test_quantize_flux import H, bfl_modules, tiny_bfl, write

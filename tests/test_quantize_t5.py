@@ -1,4 +1,4 @@
-"""quantize_t5.py: the calibration forward against Hugging Face's T5, the AWQ search never losing to RTN, and
+"""quantize/t5.py: the calibration forward against Hugging Face's T5, the AWQ search never losing to RTN, and
 the whole quantizer on a tiny random T5 (file valid, output close to the fp encoder, closer than RTN), plus
 the CLI entry point and its errors."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nunchaku_core import quantize_t5 as qt
+from nunchaku_core.quantize import t5 as qt
 from nunchaku_core.formats import nunchaku_t5 as nt
-from nunchaku_core.quantize import quantize_w4a16
+from nunchaku_core.quantize.svdquant import quantize_w4a16
 from nunchaku_core.reference import dequantize_w4a16
 
 from test_t5_format import TINY, random_t5

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import flux_models as fm
 import lora_files
 from comfy_inprocess import COMFYUI, pack_module
-from nunchaku_core import quantize_t5 as qt
+from nunchaku_core.quantize import t5 as qt
 from nunchaku_core.formats import nunchaku_t5 as nt
 from test_t5_format import random_t5
 
@@ -51,7 +51,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def flux(nodes, files):
-    return nodes["loader"].load_svdquant_flux(files["flux"])
+    return nodes["loader"].load_svdquant_model(files["flux"])
 
 
 @pytest.fixture(scope="module")

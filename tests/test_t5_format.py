@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from nunchaku_core.formats import nunchaku_t5 as nt
 from nunchaku_core.layer import W4A16Layer, tensors_equal
-from nunchaku_core.quantize import quantize_w4a16
+from nunchaku_core.quantize.svdquant import quantize_w4a16
 
 import nunchaku_oracle as oracle
 

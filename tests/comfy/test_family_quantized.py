@@ -1,5 +1,5 @@
 """The any-family path end to end, per family beyond FLUX.1 (Qwen-Image, Z-Image, FLUX.2): a tiny random model
-(tests/family_models.py, sizes ComfyUI's detection accepts) quantized by nunchaku_core.quantize_model into
+(tests/family_models.py, sizes ComfyUI's detection accepts) quantized by nunchaku_core.quantize.model into
 ComfyUI's per-layer layout with the family's policy, loaded by 'SVDQuant Model Loader' (ComfyUI detects and
 builds its own model) and rendered through the session's server next to the same model unquantized (stock
 UNETLoader, same seeds; the PSNR is printed); and, ComfyUI in this process, a LoRA in ComfyUI's `diffusion_model.`
@@ -27,9 +27,9 @@ import torch
 
 import family_models as fm
 from flux_models import psnr
-from nunchaku_core.comfy_native import ComfyNativeCheckpoint
-from nunchaku_core.quantize_flux import QuantizeOptions
-from nunchaku_core.quantize_model import quantize_model
+from nunchaku_core.formats.comfy_native import ComfyNativeCheckpoint
+from nunchaku_core.quantize.flux import QuantizeOptions
+from nunchaku_core.quantize.model import quantize_model
 from test_family_models import DECODER, _flux2_decoder, _vae_files, family_dims, family_graph
 
 FAMILIES = ("qwen_image", "zimage", "flux2")
@@ -121,7 +121,7 @@ def test_family_lora_joins_and_removes_exactly(family, tmp_path):
     nodes = {"comfy_lora": comfy.lora}
     (tmp_path / "diffusion_models").mkdir()
     with model_files(tmp_path, family) as (_, q):
-        patcher = loader.load_svdquant_flux(str(q))
+        patcher = loader.load_svdquant_model(str(q))
         ck = ComfyNativeCheckpoint(str(q))
         quantized = dict(ops.quantized_linears(patcher.model))
         assert {n[len("diffusion_model."):] for n in quantized} == set(ck.layer_names())

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import flux_models as fm
-from comfy_inprocess import flux_state_dict_module
+from comfy_inprocess import checkpoint_module
 import graphs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,15 +126,15 @@ def test_bad_file_clear_error_server_survives(comfy, tiny, bad, message):
 # ---------------------------------------------------------------------------------------------------------
 
 # What the cached quality-test files depend on, besides the functions that write them (see flux3072).
-QUALITY_SOURCES = ("nunchaku_core/quantize.py", "nunchaku_core/quantize_flux.py", "nunchaku_core/flux_source.py",
+QUALITY_SOURCES = ("nunchaku_core/quantize/svdquant.py", "nunchaku_core/quantize/flux.py", "nunchaku_core/models/flux_source.py",
                    "nunchaku_core/formats/nunchaku.py", "nunchaku_core/packing.py", "nunchaku_core/layer.py",
-                   "nunchaku_core/reference.py", "nunchaku_core/flux.py")
+                   "nunchaku_core/reference.py", "nunchaku_core/models/flux.py")
 QUANT_OPTIONS = dict(precision="int4", rank=32, report=False, alphas=(1.0,))
 NOISE_DRAWS = 4
 
 
 def _layer_out(q, x: torch.Tensor) -> torch.Tensor:
-    """Output of a QuantizedLinear (flux_state_dict) through the reference, fp32 [M, N]. Its stored biases
+    """Output of a QuantizedLinear (checkpoint) through the reference, fp32 [M, N]. Its stored biases
     include the σ-shift compensation, so this approximates x·Wᵀ + b of the original layer."""
     from nunchaku_core.layer import SVDQuantLayer
     from nunchaku_core.reference import svdquant_linear, w4a16_linear
@@ -151,8 +151,8 @@ def matched_noise(bfl_path: Path, int4_path: Path) -> list[tuple]:
     e = ‖Q(x) − (x·Wᵀ + b)‖ / ‖x·Wᵀ + b‖ on 64 Gaussian rows (GELU'd where the model feeds GELU outputs), and
     the std σ = e·‖x·Wᵀ + b‖ / (√N·‖x‖) of i.i.d. weight noise E with the same expected relative error,
     because E‖x·Eᵀ‖² = σ²·N·‖x‖². Returns [(BFL weight key, rows, cols, e, σ)]."""
-    fsd = flux_state_dict_module()
-    ck = fsd.load_flux_checkpoint(str(int4_path))
+    fsd = checkpoint_module()
+    ck = fsd.load_checkpoint(str(int4_path))
     out = []
     g = torch.Generator().manual_seed(123)
     with safe_open(str(bfl_path), framework="pt") as f:
@@ -218,11 +218,11 @@ def write_stream_swap_bug(int4_path: Path, out_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def flux3072(comfy_models):
-    """BFL file (hidden 3072, 1+1 blocks) and its INT4 quantization (nunchaku_core.quantize_flux), linked into
+    """BFL file (hidden 3072, 1+1 blocks) and its INT4 quantization (nunchaku_core.quantize.flux), linked into
     models/diffusion_models. Quantizing takes minutes on 2 cores, so the two files (1.4 GB) are cached across
     sessions in $SVDQ_TEST_CACHE (default ~/.cache/svdquant-tests), keyed by the sources that shape them.
     The quality test's other FLUX-width files are made one at a time and deleted after use (scratch_model)."""
-    from nunchaku_core.quantize_flux import QuantizeOptions, quantize_flux
+    from nunchaku_core.quantize.flux import QuantizeOptions, quantize_flux
     h = hashlib.sha256(json.dumps(QUANT_OPTIONS, sort_keys=True).encode())
     for rel in QUALITY_SOURCES:
         h.update((REPO / rel).read_bytes())

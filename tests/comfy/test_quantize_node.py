@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import flux_models as fm
 from graphs import txt2img
-from nunchaku_core.comfy_native import ComfyNativeCheckpoint
+from nunchaku_core.formats.comfy_native import ComfyNativeCheckpoint
 from nunchaku_core.formats.nunchaku import open_nunchaku
 
 NODE = "SVDQuantQuantizeModel"

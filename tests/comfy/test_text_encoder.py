@@ -28,7 +28,7 @@ from conftest import COMFYUI, REPO
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-from nunchaku_core import quantize_t5 as qt                       # noqa: E402
+from nunchaku_core.quantize import t5 as qt  # noqa: E402
 from nunchaku_core.formats import nunchaku_t5 as nt              # noqa: E402
 from nunchaku_core.reference import dequantize_w4a16             # noqa: E402
 

@@ -34,9 +34,9 @@ from typing import Iterable, Optional
 import torch
 from safetensors import safe_open
 
-from .formats.finite import require_finite
-from .layer import SVDQuantLayer, W4A16Layer
-from .packing import bytes_to_nibbles, nibbles_to_bytes
+from .finite import require_finite
+from ..layer import SVDQuantLayer, W4A16Layer
+from ..packing import bytes_to_nibbles, nibbles_to_bytes
 
 SVDQUANT_FORMAT = "svdquant_w4a4"
 AWQ_FORMAT = "awq_w4a16"

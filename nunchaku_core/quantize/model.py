@@ -1,4 +1,4 @@
-"""Quantize any diffusion model file ComfyUI loads into ComfyUI's own per-layer SVDQuant layout (comfy_native.py:
+"""Quantize any diffusion model file ComfyUI loads into ComfyUI's own per-layer SVDQuant layout (formats/comfy_native.py:
 `svdquant_w4a4` / `awq_w4a16` layers with a `comfy_quant` JSON each, ComfyUI's key names), streaming one Linear
 at a time.
 
@@ -9,7 +9,7 @@ is converted to its comfy-native tensors at once, so peak memory is the output p
 set. Everything else is copied as stored. The output keeps the input's key names (a `model.diffusion_model.`
 prefix is dropped), so ComfyUI's own detection recognises the model from the dense shapes of its layers.
 
-INT4 only: ComfyUI's svdquant_w4a4 layout has no NVFP4 variant (FLUX.1 NVFP4 goes through quantize_flux.py into
+INT4 only: ComfyUI's svdquant_w4a4 layout has no NVFP4 variant (FLUX.1 NVFP4 goes through quantize/flux.py into
 Nunchaku's format).
 """
 from __future__ import annotations
@@ -21,15 +21,15 @@ from typing import Optional
 
 import torch
 
-from .comfy_native import svdquant_to_comfy, w4a16_to_comfy
-from .flux_source import SafetensorsFile
-from .formats.nunchaku import natural_key
-from .formats.safetensors_stream import write_all
-from .models import policies
-from .quantize import quantize_svdquant, quantize_w4a16
-from .quantize_flux import Progress, QuantizeOptions, QuantizeResult, check_output_path, format_table, write_report
+from ..formats.comfy_native import svdquant_to_comfy, w4a16_to_comfy
+from ..models.flux_source import SafetensorsFile
+from ..formats.nunchaku import natural_key
+from ..formats.safetensors_stream import write_all
+from ..models import policies
+from .svdquant import quantize_svdquant, quantize_w4a16
+from .flux import Progress, QuantizeOptions, QuantizeResult, check_output_path, format_table, write_report
 
-QUANTIZER_NAME = "nunchaku_core.quantize_model"
+QUANTIZER_NAME = "nunchaku_core.quantize.model"
 QUANTIZER_VERSION = "1"
 CHECKPOINT_PREFIX = "model.diffusion_model."
 _QUANTIZED_MARKERS = (".qweight", ".wscales", ".comfy_quant", ".weight_scale")

@@ -29,10 +29,10 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from .flux_source import SafetensorsFile
-from .formats import nunchaku_t5
-from .quantize import quantize_w4a16
-from .reference import dequantize_w4a16
+from ..models.flux_source import SafetensorsFile
+from ..formats import nunchaku_t5
+from .svdquant import quantize_w4a16
+from ..reference import dequantize_w4a16
 
 ALPHAS = tuple(i / 20 for i in range(20))     # AWQ's grid: α = 0, 0.05, ..., 0.95
 SEARCH_ROWS = 1024                            # activation rows the loss is measured on (seeded sample)

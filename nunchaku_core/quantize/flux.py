@@ -21,16 +21,16 @@ from typing import Callable, Optional
 
 import torch
 
-from . import flux
+from ..models import flux
 from .calibration import Calibration, fingerprint, load_calibration
-from .flux_source import FluxSource, open_flux_source
-from .formats.nunchaku import default_quantization_config, natural_key, pack_nunchaku_state_dict
-from .formats.safetensors_stream import write_all
-from . import quantize as _quantize
-from .quantize import quantize_svdquant, quantize_w4a16
+from ..models.flux_source import FluxSource, open_flux_source
+from ..formats.nunchaku import default_quantization_config, natural_key, pack_nunchaku_state_dict
+from ..formats.safetensors_stream import write_all
+from . import svdquant as _quantize
+from .svdquant import quantize_svdquant, quantize_w4a16
 
 MODEL_CLASS = "NunchakuFluxTransformer2dModel"
-QUANTIZER_NAME = "nunchaku_core.quantize_flux"
+QUANTIZER_NAME = "nunchaku_core.quantize.flux"
 QUANTIZER_VERSION = "1"
 
 Progress = Callable[[int, int, str], None]   # (done, total, what is being worked on)

@@ -1,6 +1,8 @@
-"""From an SVDQuant checkpoint file to what ComfyUI's own Flux needs: a BFL-keyed state dict and the model
-configuration (comfy.ldm.flux FluxParams). Names and shapes only; no arithmetic (the tables are in
-nunchaku_core/flux.py, the layout readers in nunchaku_core/formats/nunchaku.py and nunchaku_core/comfy_native.py).
+"""From an SVDQuant checkpoint file to the state dict ComfyUI builds its own model from, for every family: ComfyUI's
+per-layer layout (already ComfyUI's keys, any family: ComfyUI's detection picks the model), Nunchaku's FLUX.1 files
+(mapped to BFL keys, with the FluxParams read from the weights) and Nunchaku's Qwen-Image / Z-Image files (mapped to
+ComfyUI's keys). Names and shapes only; no arithmetic (the tables are in nunchaku_core/models/flux.py and
+nunchaku_core/formats/nunchaku_dit.py, the layout readers in nunchaku_core/formats/).
 
 Unquantized tensors keep ComfyUI's keys (`img_in.weight`, ...). A quantized Linear `<bfl>` is one entry,
 `<bfl>.svdquant` -> QuantizedLinear, which nodes/ops.py's Linear consumes in _load_from_state_dict.
@@ -18,8 +20,8 @@ from typing import Optional, Union
 import torch
 from safetensors import safe_open
 
-from nunchaku_core import flux
-from nunchaku_core.comfy_native import AWQ_FORMAT, ComfyNativeCheckpoint, SVDQUANT_FORMAT
+from nunchaku_core.models import flux
+from nunchaku_core.formats.comfy_native import AWQ_FORMAT, ComfyNativeCheckpoint, SVDQUANT_FORMAT
 from nunchaku_core.formats.nunchaku import LEGACY_BLOCKS, LEGACY_UNQUANTIZED, CheckpointError, open_nunchaku
 from nunchaku_core.formats.nunchaku_dit import family_of as nunchaku_dit_family, read_nunchaku_dit
 from nunchaku_core.layer import SVDQuantLayer, W4A16Layer
@@ -55,7 +57,7 @@ class QuantizedLinear:
 
 
 @dataclass
-class FluxCheckpoint:
+class SVDQuantCheckpoint:
     state_dict: dict                 # BFL keys -> tensor or QuantizedLinear
     model_config: dict               # ComfyUI Flux parameters (FluxParams + image_model); {} for other families
     model_class: Optional[str]       # comfy.supported_models class name from comfy_config, if any
@@ -358,7 +360,7 @@ def _comfy_config(metadata: dict, path: str) -> Optional[dict]:
     return value
 
 
-def load_flux_checkpoint(path: str) -> FluxCheckpoint:
+def load_checkpoint(path: str) -> SVDQuantCheckpoint:
     """Read an SVDQuant FLUX.1 checkpoint (Nunchaku file or legacy folder, or ComfyUI-native svdquant_w4a4)
     into a BFL-keyed state dict + model config; a Nunchaku Qwen-Image / Z-Image file or a ComfyUI-native file of
     another family into ComfyUI's own names with family=None. Errors (ValueError subclasses) name the file and
@@ -375,10 +377,10 @@ def load_flux_checkpoint(path: str) -> FluxCheckpoint:
             # any other family: ComfyUI's own detection builds it from the layers' dense shapes (nodes/loader.py)
             # and its own loading reports missing or unexpected keys
             model_class = comfy_config.get("model_class") if comfy_config else None
-            return FluxCheckpoint(sd, {}, model_class, "int4", layout, path, family=None)
+            return SVDQuantCheckpoint(sd, {}, model_class, "int4", layout, path, family=None)
         mc, model_class = _model_config(sd, comfy_config, path, {})
         _check_architecture(sd, mc, path, {})
-        return FluxCheckpoint(sd, mc, model_class, "int4", layout, path)
+        return SVDQuantCheckpoint(sd, mc, model_class, "int4", layout, path)
 
     with open_nunchaku(path) as ckpt:
         family = _nunchaku_family(ckpt)
@@ -390,7 +392,7 @@ def load_flux_checkpoint(path: str) -> FluxCheckpoint:
             for k, v in dit.state.items():
                 quantized = isinstance(v, (SVDQuantLayer, W4A16Layer))
                 sd[f"{k}.{QUANT_KEY}" if quantized else k] = QuantizedLinear((v,), "out") if quantized else v
-            return FluxCheckpoint(_own_tensors(sd), {}, None, dit.precision, layout, path, family=None)
+            return SVDQuantCheckpoint(_own_tensors(sd), {}, None, dit.precision, layout, path, family=None)
         if family != "flux":
             raise UnsupportedModelError(f"{path}: SVDQuant model family {family!r} is not supported yet "
                                         f"(supported: {SUPPORTED_FAMILIES})")
@@ -398,4 +400,4 @@ def load_flux_checkpoint(path: str) -> FluxCheckpoint:
         sd = _own_tensors(sd)
         mc, model_class = _model_config(sd, ckpt.comfy_config, path, file_keys)
         _check_architecture(sd, mc, path, file_keys)
-        return FluxCheckpoint(sd, mc, model_class, ckpt.precision, layout, path)
+        return SVDQuantCheckpoint(sd, mc, model_class, ckpt.precision, layout, path)

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .quantize import ActStats
+from .svdquant import ActStats
 
 FORMAT_NAME = "svdquant-calibration"
 FORMAT_VERSION = "1"

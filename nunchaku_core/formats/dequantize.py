@@ -14,9 +14,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import flux, reference
-from .formats.nunchaku import NunchakuCheckpoint
-from .formats.safetensors_stream import StreamingSafetensorsWriter
+from ..models import flux
+from .. import reference
+from .nunchaku import NunchakuCheckpoint
+from .safetensors_stream import StreamingSafetensorsWriter
 
 Producer = Callable[[], torch.Tensor]
 

@@ -34,9 +34,9 @@ from typing import Optional
 
 import torch
 
-from .layer import SVDQuantLayer, W4A16Layer
-from .packing import bytes_to_nibbles, nibbles_to_bytes
-from .reference import e2m1_decode, output_scale
+from ..layer import SVDQuantLayer, W4A16Layer
+from ..packing import bytes_to_nibbles, nibbles_to_bytes
+from ..reference import e2m1_decode, output_scale
 
 BLOCK_N = 16       # columns per block
 STEP_K = 8         # inputs per 64-byte chunk

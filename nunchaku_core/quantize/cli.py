@@ -47,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     from tqdm import tqdm
 
-    from .quantize_flux import QuantizeOptions, quantize_flux
-    from .quantize_model import quantize_model
+    from .flux import QuantizeOptions, quantize_flux
+    from .model import quantize_model
 
     alphas = None
     if args.alphas:

@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import reference
-from .layer import GROUP_SIZE, SIGMA, SVDQuantLayer, W4A16Layer
+from .. import reference
+from ..layer import GROUP_SIZE, SIGMA, SVDQuantLayer, W4A16Layer
 
 # Clipping ratios tried per weight group (scale = ratio · absmax / qmax); each group keeps the ratio with the
 # lowest squared error. 1.0 is plain absmax RTN; the smaller ratios trade one clipped outlier for a finer grid.

@@ -26,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from . import reference
-from .layer import SVDQuantLayer, W4A16Layer
+from .. import reference
+from ..layer import SVDQuantLayer, W4A16Layer
 
 TILE_N = 128      # kTileN
 TILE_K = 64       # kTileK
