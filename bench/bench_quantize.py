@@ -10,8 +10,13 @@ a fresh child process (so its peak RSS is the quantizer's alone) and reports:
     baseline + FLUX.1-dev output size + the measured per-block working set,
   - the machine's load average, because the 2 cores may be shared.
 
-    python bench/bench_quantize.py [--precision int4] [--no-report] [--depth 1 --depth-single 1]
-Results are appended to bench/results/bench_quantize.jsonl.
+    python bench/bench_quantize.py [--precision int4[,nvfp4]] [--no-report] [--depth 1 --depth-single 1]
+    python bench/bench_quantize.py --precision int4,nvfp4 --report both --baseline ../other-checkout --repeats 2
+
+`--baseline DIR` runs the same measurements with DIR's nunchaku_core (another checkout, e.g. the previous
+commit) interleaved with this checkout's, on the same model file, and prints this checkout's times over the
+baseline's: on a shared machine only such same-run ratios say what a change did. Every run is appended to
+bench/results/bench_quantize.jsonl with the commit of the code it ran.
 """
 from __future__ import annotations
 
@@ -51,6 +56,8 @@ def status(field):
 def rss():
     return status("VmRSS")
 src, out, precision, rank, report = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6] == "1"
+if int(sys.argv[7]) > 0:
+    torch.set_num_threads(int(sys.argv[7]))
 base = rss()
 marks = []
 t0 = time.perf_counter(); c0 = time.process_time()
@@ -99,25 +106,24 @@ def block_seconds(marks: list) -> dict:
     return {k: sum(v) for k, v in spans.items()}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--precision", choices=("int4", "nvfp4"), default="int4")
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--no-report", action="store_true")
-    ap.add_argument("--depth", type=int, default=1)
-    ap.add_argument("--depth-single", type=int, default=1)
-    ap.add_argument("--workdir", default=None, help="where the ~1 GB model and the output go (default: a temp dir)")
-    args = ap.parse_args()
+def commit_of(root: Path) -> str:
+    """Short commit of a checkout, "+dirty" when it has uncommitted changes to tracked files."""
+    def git(*a):
+        return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
-    with tempfile.TemporaryDirectory(dir=args.workdir) as d:
-        src, out = Path(d) / "flux-fullwidth.safetensors", Path(d) / "out.safetensors"
-        info = make_model(src, args.depth, args.depth_single)
-        load0 = os.getloadavg()
-        proc = subprocess.run([sys.executable, "-c", RUNNER, str(ROOT), str(src), str(out), args.precision,
-                               str(args.rank), "0" if args.no_report else "1"],
-                              capture_output=True, text=True, check=True)
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+
+def measure(code: Path, src: Path, out: Path, info: dict, args, precision: str, report: bool) -> dict:
+    """One quantization of src in a child process running `code`'s nunchaku_core; the jsonl row."""
+    load0 = os.getloadavg()
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(code), str(src), str(out), precision,
+                           str(args.rank), "1" if report else "0", str(args.threads)],
+                          capture_output=True, text=True, check=True)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
     load1 = os.getloadavg()
+    out.unlink()
+    out.with_name(out.name.rsplit(".safetensors", 1)[0] + ".quality.json").unlink(missing_ok=True)
 
     secs = block_seconds(r["marks"])
     t_double, t_single = secs["double"] / args.depth, secs["single"] / args.depth_single
@@ -130,9 +136,10 @@ def main() -> int:
                   + DEV_SINGLE * parts["single"] / args.depth_single)
     dev_seconds = DEV_DOUBLE * t_double + DEV_SINGLE * t_single + secs.get("rest", 0.0)
     working_set = r["peak_rss"] - r["base_rss"] - quant_bytes
-    result = {
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"), "precision": args.precision, "rank": args.rank,
-        "report": not args.no_report, "depth": args.depth, "depth_single": args.depth_single,
+    return {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit_of(code), "baseline": code != ROOT,
+        "precision": precision, "rank": args.rank,
+        "report": report, "depth": args.depth, "depth_single": args.depth_single,
         "threads": r["threads"], "loadavg_before": load0, "loadavg_after": load1,
         "wall_s": round(r["wall"], 1), "cpu_s": round(r["cpu"], 1), "cpu_share": round(cpu_share, 2),
         "t_double_s": round(t_double, 1), "t_single_s": round(t_single, 1), "t_rest_s": round(secs.get("rest", 0.0), 1),
@@ -140,27 +147,78 @@ def main() -> int:
         "output_parts": parts,
         "peak_rss": r["peak_rss"], "base_rss": r["base_rss"], "working_set_bytes": working_set,
         "dev_extrapolated_s": round(dev_seconds), "dev_extrapolated_min": round(dev_seconds / 60, 1),
-        # on an idle machine the process would get its 2 cores: wall ≈ cpu / 2 (a lower bound: it assumes the
-        # CPU time measured under load has no extra spinning)
+        # on an idle machine the process would get its cores: wall ≈ cpu / threads (a lower bound: it assumes
+        # the CPU time measured under load has no extra spinning)
         "dev_extrapolated_idle_min": round(dev_seconds * cpu_share / r["threads"] / 60, 1),
         "dev_output_bytes": round(dev_output), "dev_peak_rss_bytes": round(r["base_rss"] + dev_output + working_set),
         "dev_bound_bytes": round(dev_output + 2 * info["block_bytes"]["double"]),
     }
+
+
+def describe(row: dict) -> str:
+    gib = 2 ** 30
+    return (f"{row['precision']} rank {row['rank']} {'with' if row['report'] else 'without'} quality report, "
+            f"{row['commit']}{' (baseline)' if row['baseline'] else ''}, {row['threads']} threads, load average "
+            f"{row['loadavg_before'][0]:.1f} -> {row['loadavg_after'][0]:.1f}\n"
+            f"  measured: double block {row['t_double_s']:.1f} s, single block {row['t_single_s']:.1f} s, rest "
+            f"{row['t_rest_s']:.1f} s; wall {row['wall_s']:.0f} s, CPU {row['cpu_s']:.0f} s ({row['cpu_share']:.2f} cores)\n"
+            f"  memory: peak RSS {row['peak_rss'] / gib:.2f} GiB = base {row['base_rss'] / gib:.2f} + output "
+            f"{row['output_bytes'] / gib:.2f} + working set {row['working_set_bytes'] / gib:.2f} GiB "
+            f"(one source double block is {row['source_block_bytes']['double'] / gib:.2f} GiB)\n"
+            f"  FLUX.1-dev: {row['dev_extrapolated_min']:.1f} min at this load ({row['dev_extrapolated_idle_min']} min "
+            f"with the cores to itself), output {row['dev_output_bytes'] / gib:.2f} GiB, peak RSS "
+            f"{row['dev_peak_rss_bytes'] / gib:.2f} GiB (bound output + 2 blocks = {row['dev_bound_bytes'] / gib:.2f} GiB)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--precision", default="int4", help="int4, nvfp4 or both comma-separated")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--no-report", action="store_true", help="without the quality report (default: with)")
+    ap.add_argument("--report", choices=("yes", "no", "both"), default=None, help="overrides --no-report")
+    ap.add_argument("--depth", type=int, default=1)
+    ap.add_argument("--depth-single", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the child (default: torch's)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another checkout whose nunchaku_core runs interleaved with this one's")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--workdir", default=None, help="where the ~1 GB model and the output go (default: a temp dir)")
+    args = ap.parse_args()
+    precisions = args.precision.split(",")
+    if any(p not in ("int4", "nvfp4") for p in precisions):
+        ap.error(f"--precision {args.precision!r}: expected int4, nvfp4 or int4,nvfp4")
+    report = args.report or ("no" if args.no_report else "yes")
+    reports = {"yes": [True], "no": [False], "both": [False, True]}[report]
+    codes = [ROOT] + ([args.baseline.resolve()] if args.baseline else [])
+    if args.baseline and not (args.baseline / "nunchaku_core" / "quantize_flux.py").exists():
+        ap.error(f"--baseline {args.baseline}: no nunchaku_core/quantize_flux.py there; pass a checkout of this repository")
+
     res_dir = ROOT / "bench" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
-    with open(res_dir / "bench_quantize.jsonl", "a") as f:
-        f.write(json.dumps(result) + "\n")
-    gib = 2 ** 30
-    print(f"{args.precision} rank {args.rank} {'with' if not args.no_report else 'without'} quality report, "
-          f"{r['threads']} threads, load average {load0[0]:.1f} -> {load1[0]:.1f}")
-    print(f"  measured: double block {t_double:.1f} s, single block {t_single:.1f} s, rest {secs.get('rest', 0):.1f} s; "
-          f"wall {r['wall']:.0f} s, CPU {r['cpu']:.0f} s ({cpu_share:.2f} cores)")
-    print(f"  memory: peak RSS {r['peak_rss'] / gib:.2f} GiB = base {r['base_rss'] / gib:.2f} + output "
-          f"{quant_bytes / gib:.2f} + working set {working_set / gib:.2f} GiB "
-          f"(one source double block is {info['block_bytes']['double'] / gib:.2f} GiB)")
-    print(f"  FLUX.1-dev: {dev_seconds / 60:.1f} min at this load ({result['dev_extrapolated_idle_min']} min with "
-          f"the 2 cores to itself), output {dev_output / gib:.2f} GiB, peak RSS "
-          f"{result['dev_peak_rss_bytes'] / gib:.2f} GiB (bound output + 2 blocks = {result['dev_bound_bytes'] / gib:.2f} GiB)")
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as d:
+        src, out = Path(d) / "flux-fullwidth.safetensors", Path(d) / "out.safetensors"
+        info = make_model(src, args.depth, args.depth_single)
+        for _ in range(args.repeats):
+            for precision in precisions:
+                for rep in reports:
+                    # alternate which code goes first, so a load drift does not always hit the same one
+                    order = codes if len(rows) % 2 == 0 else codes[::-1]
+                    for code in order:
+                        row = measure(code, src, out, info, args, precision, rep)
+                        rows.append(row)
+                        with open(res_dir / "bench_quantize.jsonl", "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        print(describe(row), flush=True)
+    if args.baseline:
+        print("\nthis checkout's time / the baseline's, per pair measured back to back (wall; CPU):")
+        for precision in precisions:
+            for rep in reports:
+                new = [r for r in rows if r["precision"] == precision and r["report"] == rep and not r["baseline"]]
+                old = [r for r in rows if r["precision"] == precision and r["report"] == rep and r["baseline"]]
+                pairs = ", ".join(f"{n['wall_s'] / o['wall_s']:.2f}; {n['cpu_s'] / o['cpu_s']:.2f}" for n, o in zip(new, old))
+                print(f"  {precision} {'report' if rep else 'no report'}: {pairs}; FLUX.1-dev min (new vs baseline): "
+                      f"{min(r['dev_extrapolated_min'] for r in new)} vs {min(r['dev_extrapolated_min'] for r in old)}")
     return 0
 
 

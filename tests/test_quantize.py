@@ -74,10 +74,100 @@ def test_nvfp4_rtn_codes_and_error_bound():
     assert ((deq - w).abs() <= scale.repeat_interleave(16, dim=1) * (1 + 1e-6)).all()
 
 
-def test_e2m1_nearest_equals_reference():
+def e2m1_bit_classes() -> torch.Tensor:
+    """fp32 inputs covering every class e2m1 rounding can tell apart: every exponent (zeros, subnormals,
+    normals, ±Inf and NaNs, signalling and quiet) and both signs, with the top 11 mantissa bits all 2048 ways
+    and the low 12 bits as 0 (every tie: the midpoints need at most 3 mantissa bits), 1 (just above),
+    0xFFF (just below the next, i.e. below every tie), 0x800/0x7FF/0x801 (half-way in the low bits) and 0xFFE.
+    7.3 M values."""
+    hi = torch.arange(1 << 12, dtype=torch.int64) << 20              # sign, exponent and 3 mantissa bits ...
+    mid = torch.arange(1 << 8, dtype=torch.int64) << 12              # ... the next 8 mantissa bits
+    lo = torch.tensor([0, 1, 0x7FF, 0x800, 0x801, 0xFFE, 0xFFF], dtype=torch.int64)
+    bits = (hi[:, None, None] | mid[None, :, None] | lo[None, None, :]).reshape(-1)
+    return (bits - (bits >= 1 << 31) * (1 << 32)).to(torch.int32).view(torch.float32)
+
+
+def test_e2m1_codes_and_nearest_equal_reference():
+    """The quantizer's bit-level e2m1 rounding (quantize.e2m1_codes, and e2m1_nearest_abs_ for the clipping
+    search) gives the reference's codes bit for bit, on every input class: ties to even, saturation, the sign
+    of negative inputs that round to 0, code 0 for ±0 and every NaN, ±Inf saturating. (All 2^32 bit patterns
+    were checked once: bench/README.md.)"""
+    t = e2m1_bit_classes()
+    want = ref.e2m1_round(t)
+    assert torch.equal(Q.e2m1_codes(t), want)
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-    t = torch.cat([ties, -ties, torch.linspace(-8, 8, 200001), torch.tensor([0.0, -0.0, 6.0, 7.0, -100.0])])
-    assert torch.equal(Q.e2m1_nearest(t), ref.e2m1_decode(ref.e2m1_round(t)))
+    assert Q.e2m1_codes(torch.cat([ties, -ties])).tolist() == [0, 2, 2, 4, 4, 6, 6, 8, 10, 10, 12, 12, 14, 14]
+    a = t.abs()
+    near = Q.e2m1_nearest_abs_(a, torch.empty(t.shape, dtype=torch.int32))
+    nan = torch.isnan(t)
+    assert torch.equal(near[~nan], ref.e2m1_decode(want)[~nan].abs()) and torch.isnan(near[nan]).all()
+
+
+def test_e2m1_values_and_dequantize_equal_reference():
+    codes = torch.arange(16, dtype=torch.int8)
+    assert torch.equal(Q.e2m1_values(codes).view(torch.int32), ref.e2m1_decode(codes).view(torch.int32))  # -0.0
+    w = decaying_weight(96, 256, seed=21)
+    for precision in ("int4", "nvfp4"):
+        layer = Q.build_layer(w, None, torch.ones(256), 8, precision)
+        assert torch.equal(Q._dequantize_weight(layer), ref.dequantize_weight(layer))
+
+
+def rtn_plain(w: torch.Tensor, precision: str, clip_ratios=Q.CLIP_RATIOS):
+    """quantize_groups_rtn written plainly on the reference's rounding, as the quantizer did before its
+    bit-level e2m1 rounding, magnitude search and scratch buffers: per ratio the grouped squared error, a
+    strict `<` scan (the earlier ratio wins a tie), then the codes at the chosen scales."""
+    N, K = w.shape
+    G = 64 if precision == "int4" else 16
+    wt = None
+    if precision == "nvfp4":
+        amax = w.abs().max().item()
+        wt = 1.0 if amax == 0 else torch.tensor(amax / (6.0 * 448.0)).to(torch.bfloat16).float().item()
+
+    def scales(gmax):
+        if precision == "int4":
+            stored = (gmax / 7.0).to(torch.bfloat16)
+            return stored, stored.float()
+        stored = (gmax / (6.0 * wt)).clamp(max=448.0).to(torch.float8_e4m3fn)
+        return stored, stored.float() * wt
+
+    def rounded(u):
+        return u.round().clamp(-8, 7) if precision == "int4" else ref.e2m1_decode(ref.e2m1_round(u))
+
+    wg = w.reshape(N, K // G, G)
+    gmax = wg.abs().amax(dim=-1)
+    best_err, best_idx = None, torch.zeros(N, K // G, dtype=torch.long)
+    for i, ratio in enumerate(clip_ratios):
+        _, scale = scales(gmax * ratio)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]
+        err = (rounded(wg / safe) * scale[..., None] - wg).square().sum(dim=-1)
+        if best_err is None:
+            best_err = err
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_idx[better] = i
+    stored, scale = scales(gmax * torch.tensor(clip_ratios, dtype=torch.float32)[best_idx])
+    u = wg / torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]
+    codes = u.round().clamp(-8, 7).to(torch.int8) if precision == "int4" else ref.e2m1_round(u)
+    return codes.reshape(N, K), stored, wt
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_rtn_equals_plain_search_on_reference_rounding(monkeypatch, precision):
+    """Codes, scales and the tensor scale bit for bit equal to rtn_plain, with an all-zero group, −0.0s,
+    subnormals, a group far below the others (NVFP4: its fp8 scale underflows to 0), and several chunks with a
+    short last one."""
+    w = decaying_weight(200, 512, seed=23)
+    w[3] = 0.0
+    w[5, :64] = -0.0
+    w[7, 64:128] = 1e-41
+    w[9, 128:192] *= 1e-6
+    monkeypatch.setattr(Q, "CHUNK_ELEMENTS", 48 * 512)                   # 48 rows a chunk: 5 chunks
+    codes, stored, wt = Q.quantize_groups_rtn(w, precision)
+    want_codes, want_stored, want_wt = rtn_plain(w, precision)
+    assert torch.equal(codes, want_codes) and wt == want_wt
+    assert torch.equal(stored.view(torch.uint8) if precision == "nvfp4" else stored.view(torch.int16),
+                       want_stored.view(torch.uint8) if precision == "nvfp4" else want_stored.view(torch.int16))
 
 
 @pytest.mark.parametrize("shape", [(3072, 3072), (3072, 12288)])

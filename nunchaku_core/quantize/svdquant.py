@@ -45,8 +45,10 @@ SYNTHETIC_ROWS = 64
 GPTQ_DAMP = 0.01     # fraction of mean(diag H) added to the diagonal (the GPTQ paper's default)
 GPTQ_BLOCK = 128     # columns per lazy-update block; a multiple of both group sizes
 # Elements per step of the weight quantizers and of the error evaluation (whole output rows, at least one):
-# bounds their temporaries. NVFP4 rounding and the reference's int64 e2m1 decode hold ~6 tensors of the chunk's
-# size at once; 2^22 elements keep that under ~150 MB (measured peak for a 3072 x 12288 layer: see bench/).
+# bounds their temporaries. The RTN search holds three fp32/int32 scratch tensors of the chunk's size, the error
+# evaluation's decode two (int32 index, fp32 values): with 2^22 elements, 48 MB and 32 MB. Smaller chunks
+# (2^18, 2^20) were no faster on one thread and slower on two (one OpenMP barrier per torch op; measured with
+# the scratch reuse below on a shared 2-core machine).
 CHUNK_ELEMENTS = 2 ** 22
 
 
@@ -149,7 +151,7 @@ def _int4_codes(wg: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def _nvfp4_codes(wg: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """e2m1 codes (int8 0..15) for grouped weights and the full per-group scale (fp8 scale · wtscale)."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return reference.e2m1_round(wg / safe[..., None])
+    return e2m1_codes(wg / safe[..., None])
 
 
 def _scales_for(gmax: torch.Tensor, precision: str, dtype: torch.dtype, wtscale: Optional[float]):
@@ -161,24 +163,71 @@ def _scales_for(gmax: torch.Tensor, precision: str, dtype: torch.dtype, wtscale:
     return stored, stored.float() * wtscale
 
 
-def e2m1_nearest(t: torch.Tensor) -> torch.Tensor:
-    """reference.e2m1_decode(reference.e2m1_round(t)) in half the passes, for the clipping search only (the
-    stored codes always come from the reference). Grid 0.5 on [0, 2], 1 on [2, 4], then {4, 6}; torch.round
-    is half-to-even, which is the reference's tie rule on each segment (at 5 the tie goes to 4, code 6).
-    tests/test_quantize.py checks equality on every tie and a dense grid."""
-    a = t.abs().clamp(max=6.0)
-    v = torch.where(a < 2.0, torch.round(a * 2.0) * 0.5,
-                    torch.where(a < 4.0, torch.round(a), torch.where(a > 5.0, 6.0, 4.0)))
-    return v.copysign(t)
+# e2m1 rounding on fp32 bits. e2m1 is a float with one mantissa bit: magnitudes 0, .5, 1, 1.5 (step 0.5),
+# 2, 3 (step 1), 4, 6 (step 2). Adding C = 2^(max(e, 0) + 22), where 2^e <= a < 2^(e+1), leaves an fp32
+# whose last mantissa bit weighs exactly that step, so the fp32 addition itself rounds a to the grid, half to
+# even; even multiples of the step are the even e2m1 codes, which is the reference's tie rule (ties at 0.25,
+# 1.25, 2.5, 5 go down, at 0.75, 1.75, 3.5 up). Inputs are clamped to 6 first (everything above 5 is code 7).
+# The mantissa of a + C then holds the step count m, and the code is m + 2e. Every step is one in-place torch
+# pass with no torch.where (~10x slower than an arithmetic pass on this CPU, measured): with the reference's
+# seven compare passes and its int64 decode, an NVFP4 layer cost 4x its INT4 search (bench/README.md).
+_EXP_MASK = 0x7F800000
+_EXP_ONE, _EXP_FOUR = 0x3F800000, 0x40800000       # the exponent fields of 1.0 and 4.0
+_EXP_PLUS_22 = 22 << 23                            # adds 22 to an exponent field
+_CODE_BIAS = (_EXP_ONE + _EXP_PLUS_22) >> 22       # (C's bits >> 22) − this = 2e
+
+
+def _e2m1_offset_(a: torch.Tensor, c: torch.Tensor) -> None:
+    """In place: a (fp32 magnitudes >= 0) becomes min(a, 6) + C, rounded to e2m1's grid; c (int32, a's shape)
+    receives C's bits. a − C is then the nearest e2m1 magnitude. A NaN stays NaN (c stays finite)."""
+    a.clamp_(max=6.0)
+    torch.bitwise_and(a.view(torch.int32), _EXP_MASK, out=c)
+    c.clamp_(_EXP_ONE, _EXP_FOUR).add_(_EXP_PLUS_22)
+    a.add_(c.view(torch.float32))
+
+
+def e2m1_nearest_abs_(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """In place: fp32 magnitudes a -> the magnitude of reference.e2m1_decode(reference.e2m1_round(a)), for the
+    clipping search (NaN stays NaN). c: int32 scratch of a's shape. Returns a."""
+    _e2m1_offset_(a, c)
+    return a.sub_(c.view(torch.float32))                                 # exact: both are on C's grid
+
+
+def _e2m1_codes_(t: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """e2m1_codes into scratch: a (fp32) and c (int32) of t's shape, t unchanged. Returns int32 codes (a's
+    memory)."""
+    torch.abs(t, out=a).nan_to_num_(nan=0.0, posinf=6.0)                # NaN -> 0, as the reference's compares
+    _e2m1_offset_(a, c)
+    m = a.view(torch.int32).sub_(c)                                      # m: steps above 0 in C's grid
+    m.add_(c.bitwise_right_shift_(22).sub_(_CODE_BIAS))                  # + 2e
+    return m.add_(torch.lt(t, 0.0, out=c), alpha=8)                     # sign bit for t < 0 (not for -0.0)
+
+
+def e2m1_codes(t: torch.Tensor) -> torch.Tensor:
+    """reference.e2m1_round(t) bit for bit (int8 codes 0..15; ties to even, saturating at ±6, sign bit for every
+    t < 0, code 0 for NaN and ±0). tests/test_quantize.py checks ties, their neighbours, every exponent, zeros,
+    subnormals, ±Inf and NaNs; all 2^32 fp32 bit patterns were checked once (bench/README.md)."""
+    a = torch.empty_like(t, dtype=torch.float32)
+    return _e2m1_codes_(t, a, torch.empty(t.shape, dtype=torch.int32, device=t.device)).to(torch.int8)
+
+
+# e2m1 values indexed by the whole code (bit 3 = sign), -0.0 at code 8 as reference.e2m1_decode gives it.
+_E2M1_SIGNED = torch.cat([reference.E2M1_VALUES, -reference.E2M1_VALUES])
+
+
+def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    """reference.e2m1_decode(codes) bit for bit, through an int32 index instead of int64 (1/2 the bytes)."""
+    flat = torch.index_select(_E2M1_SIGNED.to(codes.device), 0, codes.reshape(-1).to(torch.int32))
+    return flat.reshape(codes.shape)
 
 
 def _code_values(codes: torch.Tensor, precision: str) -> torch.Tensor:
-    return codes.float() if precision == "int4" else reference.e2m1_decode(codes)
+    return codes.float() if precision == "int4" else e2m1_values(codes)
 
 
 def nvfp4_tensor_scale(w: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> float:
     """The per-tensor NVFP4 weight scale: the largest group scale lands on the top of float8_e4m3 (448)."""
-    amax = w.abs().max().item()
+    amax = torch.maximum(w.max(), w.min().neg()).item()                 # max |w| without an |w| temporary
     if amax == 0:
         return 1.0
     return torch.tensor(amax / (6.0 * reference.FP8_E4M3_MAX)).to(dtype).float().item()
@@ -189,49 +238,78 @@ def quantize_groups_rtn(w: torch.Tensor, precision: str, *, dtype: torch.dtype =
     """Round-to-nearest group quantization of w [N, K] fp32 with a per-group clipping search.
     Returns (codes int8 [N, K], wscales [N, K/G] (dtype for int4, float8_e4m3fn for nvfp4), wtscale or None).
     Rows are independent (apart from NVFP4's per-tensor scale, fixed first), so they are processed a chunk of
-    CHUNK_ELEMENTS at a time: the temporaries stay bounded whatever the layer size."""
+    CHUNK_ELEMENTS at a time: the temporaries stay bounded whatever the layer size. The chunk's three scratch
+    tensors are allocated once per call and every pass writes into them: on the development machine a fresh
+    chunk-sized tensor cost more in page faults than the arithmetic done in it."""
     N, K = w.shape
     G = GROUP_SIZE[precision]
     if precision == "nvfp4" and wtscale is None:
         wtscale = nvfp4_tensor_scale(w, dtype)
     codes = torch.empty(N, K, dtype=torch.int8)
     stored = torch.empty(N, K // G, dtype=dtype if precision == "int4" else torch.float8_e4m3fn)
+    size = min(N, max(1, CHUNK_ELEMENTS // K)) * K
+    scratch = (torch.empty(size), torch.empty(size), torch.empty(size, dtype=torch.int32))
     for rows in _row_chunks(N, K):
-        codes[rows], stored[rows] = _rtn_rows(w[rows], precision, dtype, wtscale, clip_ratios)
+        stored[rows] = _rtn_rows(w[rows], codes[rows], precision, dtype, wtscale, clip_ratios, scratch)
     return codes, stored, wtscale
 
 
-def _rtn_rows(w: torch.Tensor, precision: str, dtype: torch.dtype, wtscale: Optional[float],
-              clip_ratios: Sequence[float]):
-    """quantize_groups_rtn on a few rows. The search keeps only each group's best ratio index and rounds once
-    more at the end with the chosen scales: cheaper than carrying the best codes through every candidate."""
+def _group_absmax(wg: torch.Tensor, aw: Optional[torch.Tensor]) -> torch.Tensor:
+    """max |w| per group, [n, K/G], from wg [n, K/G, G] (and aw = |wg| when the caller has it). The max is exact
+    in any order, so this is |wg|.amax(-1) bit for bit: for G = 16 a tree of halving torch.maximum (amax over an
+    innermost 16 is not vectorised: 2.6x slower, measured), for G = 64 max(amax, −amin) without the |wg|
+    temporary, abs_ turning an all-zero group's −0 into the +0 that |wg|.amax gives."""
+    if aw is None:
+        return torch.maximum(wg.amax(dim=-1), wg.amin(dim=-1).neg_()).abs_()
+    m = aw
+    while m.shape[-1] > 1:
+        h = m.shape[-1] // 2
+        m = torch.maximum(m[..., :h], m[..., h:])
+    return m[..., 0]
+
+
+def _rtn_rows(w: torch.Tensor, codes: torch.Tensor, precision: str, dtype: torch.dtype, wtscale: Optional[float],
+              clip_ratios: Sequence[float], scratch: tuple) -> torch.Tensor:
+    """quantize_groups_rtn on a few rows: writes codes [n, K] (a view of the output), returns the stored scales.
+    The search keeps only each group's best ratio index and rounds once more at the end with the chosen scales:
+    cheaper than carrying the best codes through every candidate. NVFP4 searches on magnitudes: e2m1 is
+    symmetric and IEEE rounding too, so (q·scale − w)² is the same float for |q|, |w| as for q, w."""
     G = GROUP_SIZE[precision]
+    n, K = w.shape
     wg = _grouped(w, G)                                                  # wg: [n, K/G, G]
-    gmax = wg.abs().amax(dim=-1)                                         # gmax: [n, K/G]
-    best_err = best_idx = None
+    buf, aw, bits = (t[:n * K].view(wg.shape) for t in scratch)          # fp32, fp32, int32 scratch
+    nvfp4 = precision == "nvfp4"
+    if nvfp4:
+        torch.abs(wg, out=aw)                                            # aw: |wg|, the NVFP4 search's input
+    gmax = _group_absmax(wg, aw if nvfp4 else None)                      # gmax: [n, K/G]
     if len(clip_ratios) > 1:
-        buf = torch.empty_like(wg)
-        for i, ratio in enumerate(clip_ratios):
+        best_err = ratios = None
+        for ratio in clip_ratios:
             _, scale = _scales_for(gmax * ratio, precision, dtype, wtscale)
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]
-            if precision == "int4":
+            if nvfp4:
+                e2m1_nearest_abs_(torch.div(aw, safe, out=buf), bits)
+                buf.mul_(scale[..., None]).sub_(aw)
+            else:
                 torch.div(wg, safe, out=buf)
-                buf.round_().clamp_(-8, 7)
-            else:
-                buf = e2m1_nearest(wg / safe)
-            err = buf.mul_(scale[..., None]).sub_(wg).square_().sum(dim=-1)   # [n, K/G]
+                buf.round_().clamp_(-8, 7).mul_(scale[..., None]).sub_(wg)
+            err = buf.square_().sum(dim=-1)                              # [n, K/G]
             if best_err is None:
-                best_err, best_idx = err, torch.zeros_like(err, dtype=torch.long)
-            else:
+                best_err, ratios = err, torch.full_like(err, ratio)
+            else:                                                        # strict: the earlier ratio wins a tie
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
-                best_idx[better] = i
-        ratios = torch.tensor(clip_ratios, dtype=torch.float32)[best_idx]
+                ratios.masked_fill_(better, ratio)
     else:
         ratios = clip_ratios[0]
     stored, scale = _scales_for(gmax * ratios, precision, dtype, wtscale)
-    codes = _int4_codes(wg, scale) if precision == "int4" else _nvfp4_codes(wg, scale)
-    return codes.to(torch.int8).reshape(w.shape), stored
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]
+    torch.div(wg, safe, out=buf)
+    if nvfp4:
+        codes.copy_(_e2m1_codes_(buf, aw, bits).view(codes.shape))
+    else:
+        codes.copy_(buf.round_().clamp_(-8, 7).view(codes.shape))
+    return stored
 
 
 def quantize_groups_gptq(w: torch.Tensor, H: torch.Tensor, precision: str, *,
@@ -296,7 +374,7 @@ def smooth_vector(act_absmax: Optional[torch.Tensor], w: torch.Tensor, alpha: fl
     max_n |W[n, k]|. Normalised to geometric mean 1 so neither side drifts in magnitude, clamped away from 0
     for dead channels, and rounded to the storage dtype (the stored s is the one everything is built on).
     Returns fp32 [K]."""
-    wmax = w.abs().amax(dim=0)
+    wmax = torch.maximum(w.amax(dim=0), w.amin(dim=0).neg_()).abs_()    # |w|.amax(0) without an |w| temporary
     wmax = wmax.clamp(min=wmax.max().clamp(min=1e-30) * 1e-5)
     log_s = -(1.0 - alpha) * wmax.log()
     if act_absmax is not None:
@@ -325,9 +403,9 @@ def build_layer(w: torch.Tensor, bias: Optional[torch.Tensor], smooth: torch.Ten
     down = (L2 / smooth[:, None]).to(dtype)                              # D: [K, R], acts on raw x
     if rank == 0:
         resid = ws                                                       # Rs: [N, K], smoothed domain
-    else:
+    else:                                                                # W − U·Dᵀ, into ws's memory if any
+        resid = torch.addmm(w, up.float(), down.float().T, alpha=-1.0, out=None if unsmoothed else ws)
         del ws
-        resid = torch.addmm(w, up.float(), down.float().T, alpha=-1.0)   # W − U·Dᵀ
         if not unsmoothed:
             resid *= smooth[None, :]
     if hessian is not None:
@@ -361,18 +439,29 @@ def fast_forward(x: torch.Tensor, layer: SVDQuantLayer) -> torch.Tensor:
     for rows in _row_chunks(layer.N, layer.K):
         part = replace(layer, codes=layer.codes[rows], wscales=layer.wscales[rows], proj_up=layer.proj_up[rows],
                        bias=None, wcscales=None if layer.wcscales is None else layer.wcscales[rows])
-        w = reference.dequantize_weight(part)                            # w: [rows, K] fp32
+        w = _dequantize_weight(part)                                     # w: [rows, K] fp32
         if part.wtscale is not None or part.wcscales is not None:
             w *= reference.output_scale(part)[:, None]
         y[:, rows] += a @ w.T
     return y
 
 
-def relative_error(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], layer: SVDQuantLayer) -> float:
+def _dequantize_weight(layer: SVDQuantLayer) -> torch.Tensor:
+    """reference.dequantize_weight bit for bit (the same products), with e2m1_values' int32 lookup and the
+    scaling in place."""
+    N, K, G = layer.N, layer.K, layer.group_size
+    w = _code_values(layer.codes, layer.precision)                       # w: [N, K] fp32
+    w.reshape(N, K // G, G).mul_(layer.wscales.float()[..., None])
+    return w
+
+
+def relative_error(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], layer: SVDQuantLayer,
+                   ref: Optional[torch.Tensor] = None) -> float:
     """‖Wx − Ŵx‖/‖Wx‖ where Ŵx is the quantized layer's output minus the ORIGINAL bias, so a wrong shift
-    compensation shows up as error."""
+    compensation shows up as error. ref: x·Wᵀ when the caller already has it (one per candidate otherwise)."""
     x = x.float()
-    ref = x @ w.float().T                                                # [M, N]
+    if ref is None:
+        ref = x @ w.float().T                                            # [M, N]
     out = fast_forward(x, layer)
     if bias is not None:
         out = out - bias.float()
@@ -420,6 +509,9 @@ def quantize_svdquant(w: torch.Tensor, bias: Optional[torch.Tensor], *, precisio
         alphas = ALPHAS_DATA_FREE if alphas is None else alphas
     held_out = eval_rows is not None
     evals = eval_rows.float() if held_out else rows
+    # W·x of the search and evaluation rows, the same for every candidate
+    ref_rows = rows @ w.T                                                # [M, N]
+    ref_evals = evals @ w.T if held_out else ref_rows
     ones = torch.ones(K)
     # (α or "ones", rank) -> [search error, eval error, α, s, layer]. Built once per distinct (s, rank):
     # data-free α = 1 is s = 1, which is also the naive and SVD-only smoothing. Only the best rank-R layer is
@@ -427,13 +519,17 @@ def quantize_svdquant(w: torch.Tensor, bias: Optional[torch.Tensor], *, precisio
     cache: dict = {}
     best: list = []
 
+    smooths: dict = {None: ones}                                         # α -> s, each computed once
+
     def candidate(alpha: Optional[float], r: int) -> list:
-        s = ones if alpha is None else smooth_vector(act, w, alpha, dtype)
+        if alpha not in smooths:
+            smooths[alpha] = smooth_vector(act, w, alpha, dtype)
+        s = smooths[alpha]
         key = ("ones" if torch.equal(s, ones) else alpha, r)
         if key not in cache:
             layer = build_layer(w, bias, s, r, precision, shifted=shifted, dtype=dtype)
-            err = relative_error(rows, w, bias, layer)
-            entry = [err, relative_error(evals, w, bias, layer) if held_out else err, alpha, s, None]
+            err = relative_error(rows, w, bias, layer, ref_rows)
+            entry = [err, relative_error(evals, w, bias, layer, ref_evals) if held_out else err, alpha, s, None]
             if r == rank and (not best or err < best[0][0]):
                 if best:
                     best[0][4] = None
@@ -452,7 +548,7 @@ def quantize_svdquant(w: torch.Tensor, bias: Optional[torch.Tensor], *, precisio
     if gptq:
         layer = build_layer(w, bias, s, rank, precision, shifted=shifted, dtype=dtype,
                             hessian=hessian_of(rows, s, shifted))
-        report.errors["svdquant"] = relative_error(evals, w, bias, layer)
+        report.errors["svdquant"] = relative_error(evals, w, bias, layer, ref_evals)
     else:
         report.errors["svdquant"] = eval_err
     if ablation:
