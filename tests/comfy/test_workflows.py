@@ -319,6 +319,10 @@ def test_model_links(path):
                                 + re.escape(m["name"]), m["url"]), m["url"]
             assert m["directory"] in MODEL_FOLDERS, m
             assert m["name"] in node["widgets_values"], (node["type"], m["name"], node["widgets_values"])
+    notes = " ".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] in FRONTEND_ONLY)
+    for node in wf["nodes"]:   # the frontends' missing-model checks skip muted nodes: the note links their files
+        if node.get("mode", 0) == MUTED:
+            assert all(f"]({m['url']})" in notes for m in by_node[node["id"]]), (path.name, node["id"])
     made = made_files(wf)
     for node in wf["nodes"]:
         if node["type"] == "SVDQuantQuantizeModel":     # its source model is linked
@@ -572,8 +576,9 @@ def test_web_ui_opens_template_without_missing_nodes(browser, ui_server, path):
     assert r["count"] == r["expected"], r
     # The real model files are not on the test server, so the frontend lists them, with the url and folder of
     # properties.models (except any that another test put into the shared models folders: the frontend rightly
-    # skips those).
-    entries = [m for n in load(path)["nodes"] for m in n.get("properties", {}).get("models", [])]
+    # skips those). Muted nodes' models are left out: frontends 1.49.6 and 1.58.1 do not check muted nodes
+    # (measured); their links are in the workflow's note (test_model_links).
+    entries = [m for n in load(path)["nodes"] if n.get("mode", 0) != MUTED for m in n.get("properties", {}).get("models", [])]
     present = {(d, f) for d in {m["directory"] for m in entries} for f in ui_server._call(f"/models/{d}")}
     wanted = {m["name"]: m for m in entries if (m["directory"], m["name"]) not in present}
     assert wanted, "every model of the workflow is present: the missing-models check would test nothing"
