@@ -36,10 +36,14 @@ RUNNER = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
-from nunchaku_core.quantize.flux import QuantizeOptions, quantize_flux
+try:
+    from nunchaku_core.quantize.flux import QuantizeOptions, quantize_flux
+    from nunchaku_core.models.flux_source import SafetensorsFile
+except ImportError:                      # a --baseline checkout from before nunchaku_core got its rooms
+    from nunchaku_core.quantize_flux import QuantizeOptions, quantize_flux
+    from nunchaku_core.flux_source import SafetensorsFile
 
 def output_parts(path):
-    from nunchaku_core.models.flux_source import SafetensorsFile
     f = SafetensorsFile(__import__("pathlib").Path(path))
     parts = {"double": 0, "single": 0, "rest": 0}
     for k, e in f.entries.items():
@@ -190,8 +194,9 @@ def main() -> int:
     report = args.report or ("no" if args.no_report else "yes")
     reports = {"yes": [True], "no": [False], "both": [False, True]}[report]
     codes = [ROOT] + ([args.baseline.resolve()] if args.baseline else [])
-    if args.baseline and not (args.baseline / "nunchaku_core" / "quantize_flux.py").exists():
-        ap.error(f"--baseline {args.baseline}: no nunchaku_core/quantize_flux.py there; pass a checkout of this repository")
+    if args.baseline and not any((args.baseline / "nunchaku_core" / f).exists()
+                                 for f in ("quantize/flux.py", "quantize_flux.py")):
+        ap.error(f"--baseline {args.baseline}: no nunchaku_core/quantize/flux.py there; pass a checkout of this repository")
 
     res_dir = ROOT / "bench" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)

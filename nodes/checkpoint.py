@@ -214,14 +214,23 @@ def _is_flux(names) -> bool:
             and any(k.startswith("vector_in.") for k in names))
 
 
+# A whole checkpoint's keys (ComfyUI's CheckpointSave writes the diffusion model under this prefix, beside the
+# text encoders and the VAE); ComfyUI's 'Load Diffusion Model' takes the diffusion model out of such a file
+# (comfy.sd.load_diffusion_model_state_dict, "Allow loading unets from checkpoint files"), and so do we.
+CHECKPOINT_PREFIX = "model.diffusion_model."
+
+
 def _from_comfy_native(ckpt: ComfyNativeCheckpoint) -> dict:
     """The file's layers and tensors under their own (ComfyUI) names: BFL for FLUX.1, the model's own for any
-    other family."""
+    other family. In a whole checkpoint only the diffusion model's, without CHECKPOINT_PREFIX."""
     sd: dict = {}
+    prefix = CHECKPOINT_PREFIX if any(n.startswith(CHECKPOINT_PREFIX) for n in ckpt.layer_names()) else ""
     for name in ckpt.layer_names():
-        sd[f"{name}.{QUANT_KEY}"] = QuantizedLinear((ckpt.layer(name),), "out")
+        if name.startswith(prefix):
+            sd[f"{name[len(prefix):]}.{QUANT_KEY}"] = QuantizedLinear((ckpt.layer(name),), "out")
     for key in ckpt.plain_tensor_names():
-        sd[key] = ckpt.plain_tensor(key)
+        if key.startswith(prefix):
+            sd[key[len(prefix):]] = ckpt.plain_tensor(key)
     return sd
 
 

@@ -58,11 +58,24 @@ def unet_config(shapes: dict, known: dict, path: str) -> dict:
     shapes, with the values the checkpoint knows better laid over it (`known`: detection hard-codes FLUX's
     24 heads and rotary axes, which only hidden size 3072 satisfies). Fields that newer ComfyUI requires and
     the checkpoint does not name (0.33's FluxParams.txt_ids_dims) come from ComfyUI itself."""
-    detected = comfy.model_detection.detect_unet_config(shapes, "")
+    try:
+        detected = comfy.model_detection.detect_unet_config(shapes, "")
+    except (KeyError, IndexError) as e:   # a family's marker key present, a tensor its rules read absent
+        raise ValueError(f"{path}: ComfyUI's model detection failed on this model's layers: it reads {e} from the "
+                         f"file's tensors; {_UNDETECTED_FIX} (first keys: {list(shapes)[:4]})") from e
     if detected is None:
-        raise ValueError(f"{path}: ComfyUI's model detection does not recognise this model's layers "
-                         f"(first keys: {list(shapes)[:4]})")
+        raise ValueError(f"{path}: ComfyUI's model detection (comfy.model_detection.detect_unet_config) recognises "
+                         f"no model family in this file's {len(shapes)} tensors (first keys: {list(shapes)[:4]}). "
+                         f"Expected a diffusion model's own key names as ComfyUI's 'Load Diffusion Model' reads them, "
+                         f"e.g. double_blocks.0.img_attn.qkv (FLUX.1, FLUX.2), transformer_blocks.0.attn.to_q with "
+                         f"txt_norm (Qwen-Image), layers.0.attention.qkv with cap_embedder (Z-Image); "
+                         f"{_UNDETECTED_FIX}")
     return {**detected, **known}
+
+
+_UNDETECTED_FIX = ("if the unquantized model loads in ComfyUI's 'Load Diffusion Model', quantize that file with "
+                   "'SVDQuant Quantize Model'; otherwise this ComfyUI does not know the model family (a newer "
+                   "ComfyUI may)")
 
 
 def model_config_from_unet_config(config: dict, shapes: dict, path: str):

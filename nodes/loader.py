@@ -21,7 +21,7 @@ from nunchaku_core import backend
 
 from . import comfy_api
 from .checkpoint import QUANT_KEY, load_checkpoint
-from .model_patcher import SVDQuantModelPatcher
+from .model_patcher import SOURCE_ATTR, SVDQuantModelPatcher
 from .ops import operations_for, pack_for_device, quantized_linears
 from .saving import SaveError, flux_save_message
 
@@ -102,6 +102,7 @@ def load_svdquant_model(path: str, dtype: torch.dtype | None = None) -> SVDQuant
 
     model = model_config.get_model({}, "")
     model = model.to(offload_device)
+    setattr(model, SOURCE_ATTR, path)       # named by the patcher's LoRA errors
     model.load_model_weights(sd, "")
     # ModelSave / CheckpointSave would write the 4-bit Linears' meta placeholders (nodes/saving.py)
     comfy_api.refuse_state_dict_for_saving(

@@ -36,8 +36,7 @@ class SVDQuantLoRAStack:
     DESCRIPTION = ("Applies up to four LoRAs with their own strengths, the way ComfyUI's LoraLoader does; on SVDQuant "
                    "models they join the 4-bit layers' low-rank branch (no re-quantization).")
 
-    def _load(self, name: str) -> dict:
-        path = folder_paths.get_full_path_or_raise("loras", name)
+    def _load(self, path: str) -> dict:
         if path not in self._files:
             self._files[path] = comfy.utils.load_torch_file(path, safe_load=True)
         return self._files[path]
@@ -48,8 +47,10 @@ class SVDQuantLoRAStack:
             name, strength = slots.get(f"lora_{i}", NONE), float(slots.get(f"strength_{i}", 0.0))
             if name == NONE or strength == 0.0:
                 continue
-            lora = self._load(name)
-            used.add(folder_paths.get_full_path_or_raise("loras", name))
+            # named lora_path as in ComfyUI's LoraLoader: an SVDQuant model's LoRA errors name it from there
+            lora_path = folder_paths.get_full_path_or_raise("loras", name)
+            lora = self._load(lora_path)
+            used.add(lora_path)
             model, clip = comfy.sd.load_lora_for_models(model, clip, lora, strength, strength if clip is not None else 0)
         self._files = {p: sd for p, sd in self._files.items() if p in used}
         return (model, clip)

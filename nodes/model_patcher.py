@@ -8,6 +8,9 @@
   each quantized Linear with patches gets LoRA-extended parts (nodes/lora_patches.py); unpatching drops them,
   which restores the original modules exactly. A Linear whose patches did not change since the last load keeps
   its extended parts, so changing one LoRA's strength re-joins only the layers that LoRA touches.
+- A LoRA none of whose tensors ComfyUI maps onto the model (one for another family: ComfyUI itself only logs
+  "lora key not loaded" per tensor and renders the unchanged model) raises LoRAError naming the LoRA file, its
+  first tensors and the model's file; a LoRA that maps onto the text encoder only (LoraLoader) still passes.
 - Saving: ComfyUI's save nodes load the model with force_patch_weights, which patches an offloaded (lowvram)
   module's dense weight; a quantized Linear has none, so it is skipped and the save's own error (nodes/saving.py)
   is reached.
@@ -17,7 +20,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from typing import Optional
 
 import comfy.model_management
 import comfy.model_patcher
@@ -38,6 +43,58 @@ def _split_key(k):
     if isinstance(k, str):
         return k, None, None
     return k[0], k[1], (k[2] if len(k) > 2 else None)
+
+
+# The attribute nodes/loader.py sets on the diffusion model it builds: the file it was loaded from, for messages.
+SOURCE_ATTR = "svdquant_source"
+
+
+def _lora_being_loaded(max_frames: int = 8) -> tuple[Optional[str], list]:
+    """(LoRA file, its tensor names) of the LoRA whose patches are being added, from the calling frames: ComfyUI
+    hands add_patches only the patches it could map, never the file or the keys it could not. Read from the
+    locals of comfy.sd.load_lora_for_models (`lora`, the file's tensors) and of ComfyUI's LoraLoader or our
+    LoRA Stack (`lora_path`). Best effort, for the message only: (None, []) where the callers differ."""
+    path, keys = None, []
+    frame = sys._getframe(2)    # 0: here, 1: add_patches, 2: its caller (load_lora_for_models)
+    for _ in range(max_frames):
+        if frame is None:
+            break
+        local = frame.f_locals
+        if not keys and frame.f_code.co_name == "load_lora_for_models" and isinstance(local.get("lora"), dict):
+            keys = list(local["lora"])
+        if path is None and isinstance(local.get("lora_path"), str):
+            path = local["lora_path"]
+        frame = frame.f_back
+    return path, keys
+
+
+def _nothing_mapped(model, source: str, path: Optional[str], keys: list) -> str:
+    """The message for a LoRA none of whose tensors maps onto the model (ComfyUI's LoRA key maps gave nothing)."""
+    tensors = f"none of its {len(keys)} tensors (first: {', '.join(keys[:3])})" if keys else "none of its tensors"
+    return (f"{f'LoRA {path}' if path else 'this LoRA'}: {tensors} maps onto a layer of this model, ComfyUI's "
+            f"{type(model.model_config).__name__} loaded from {source}: the LoRA was made for another model family. "
+            f"Use a LoRA made for this model; ComfyUI's log lists each of its tensors as 'lora key not loaded'. "
+            f"Nothing was applied.")
+
+
+def _warn_partly_mapped(model, source: str, patches: dict, path: Optional[str], keys: list) -> None:
+    """One warning line when some of the LoRA's tensors map onto no layer (of the model, or of the text encoder
+    LoraLoader also patches) while others do: a LoRA for another family can match some layers by name and shape
+    (Qwen-Image's transformer_blocks.N.attn.to_q is FLUX.1's diffusers name for double block N's q rows, 3072
+    wide in both) and ComfyUI then applies that part with only its per-tensor 'lora key not loaded' lines.
+    The tensors ComfyUI used are the LoRA adapters' loaded_keys; a patch without them (a "diff") says nothing,
+    and then nothing is logged."""
+    used: set = set()
+    for v in patches.values():
+        if not hasattr(v, "loaded_keys"):
+            return
+        used |= set(v.loaded_keys)
+    unused = [k for k in keys if k not in used and not k.endswith((".alpha", ".dora_scale"))]
+    if unused:
+        log.warning("SVDQuant: LoRA %s: %d of its %d tensors map onto no layer (first: %s) and %d patches apply: if "
+                    "the LoRA was made for another model family, those still change this model, ComfyUI's %s loaded "
+                    "from %s", path or "(file unknown)", len(unused), len(keys), ", ".join(unused[:3]), len(patches),
+                    type(model.model_config).__name__, source)
 
 
 class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
@@ -70,6 +127,12 @@ class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
         return out
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        source = getattr(self.model, SOURCE_ATTR, None)   # set by the diffusion-model loader, not the text encoder's
+        lora = None
+        if source is not None and strength_patch != 0 and sys._getframe(1).f_code.co_name == "load_lora_for_models":
+            lora = _lora_being_loaded()
+            if not patches:
+                raise LoRAError(_nothing_mapped(self.model, source, *lora))
         with self.use_ejected():
             model_sd = self.model.state_dict()
             quantized = self._quantized_keys()
@@ -78,7 +141,10 @@ class SVDQuantModelPatcher(comfy.model_patcher.ModelPatcher):
                 if key in model_sd:
                     check_patch(key, (strength_patch, v, strength_model, offset, function),
                                 tuple(model_sd[key].shape), key in quantized)
-        return super().add_patches(patches, strength_patch, strength_model)
+        added = super().add_patches(patches, strength_patch, strength_model)
+        if lora is not None:
+            _warn_partly_mapped(self.model, source, patches, *lora)
+        return added
 
     def add_hook_patches(self, hook, patches, strength_patch=1.0, strength_model=1.0):
         quantized = self._quantized_keys()

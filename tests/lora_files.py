@@ -160,3 +160,38 @@ def sd15_lora(rank=4, seed=5) -> dict:
         sd[f"{name}.lora_down.weight"] = torch.randn(rank, k, generator=g)
         sd[f"{name}.lora_up.weight"] = torch.randn(n, rank, generator=g)
     return sd
+
+
+def qwen_image_lora(num_layers: int = 1, rank: int = 4, seed: int = 6, hidden: int = 3072,
+                    std: float = 0.01) -> dict:
+    """A LoRA for another family: Qwen-Image's blocks in the format Qwen-Image LoRAs ship in (PEFT lora_A/lora_B
+    under transformer_blocks.N, ComfyUI's QwenImage key map; Qwen-Image's hidden is 3072), attention and MLP of
+    every block. Its attention keys are also FLUX.1's diffusers names (transformer_blocks.N.attn.to_q is double
+    block N's q rows), so on a FLUX.1 of the same width that part maps."""
+    g = torch.Generator().manual_seed(seed)
+    D = hidden
+    sd = {}
+    for i in range(num_layers):
+        p = f"transformer_blocks.{i}"
+        linears = {f"{p}.attn.{n}": (D, D) for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                    "add_v_proj", "to_out.0", "to_add_out")}
+        linears.update({f"{p}.img_mlp.net.0.proj": (4 * D, D), f"{p}.img_mlp.net.2": (D, 4 * D)})
+        for name, (n, k) in linears.items():
+            sd[f"{name}.lora_A.weight"] = torch.randn(rank, k, generator=g) * std
+            sd[f"{name}.lora_B.weight"] = torch.randn(n, rank, generator=g) * std
+    return sd
+
+
+def zimage_lora(num_layers: int = 1, rank: int = 4, seed: int = 7) -> dict:
+    """A LoRA for another family: Z-Image's layers (ComfyUI's Lumina2 names, diffusion_model. prefix; dim 3840):
+    attention and feed-forward of every layer. No FLUX.1 key map has these names."""
+    g = torch.Generator().manual_seed(seed)
+    D, F = 3840, 10240
+    sd = {}
+    for i in range(num_layers):
+        p = f"diffusion_model.layers.{i}"
+        for name, (n, k) in {f"{p}.attention.qkv": (3 * D, D), f"{p}.attention.out": (D, D),
+                             f"{p}.feed_forward.w1": (F, D), f"{p}.feed_forward.w2": (D, F)}.items():
+            sd[f"{name}.lora_A.weight"] = torch.randn(rank, k, generator=g) * 0.01
+            sd[f"{name}.lora_B.weight"] = torch.randn(n, rank, generator=g) * 0.01
+    return sd

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 import flux_models as fm
 from comfy_inprocess import checkpoint_module
 from nunchaku_core.models import flux
+from nunchaku_core.formats.comfy_native import encode_comfy_quant
 from nunchaku_core.formats import nunchaku_t5 as nt
 from nunchaku_core.formats.finite import FIX
 from nunchaku_core.formats.nunchaku import CheckpointError, write_nunchaku
@@ -264,6 +265,93 @@ def test_wrong_shape_dtype_or_missing_refused(files, tmp_path, name, edit, messa
     path = tmp_path / f"bad_{name}.safetensors"
     rewrite(files[name], path, edit)
     expect_error("flux", path, message)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ComfyUI's per-layer layout: metadata (comfy_quant / _quantization_metadata) that contradicts the tensors
+# ---------------------------------------------------------------------------------------------------------
+
+QKV, MOD = "double_blocks.0.img_attn.qkv", "double_blocks.0.img_mod.lin"   # svdquant_w4a4 [384, 128], awq [768, 128]
+
+
+def _json(key: str, conf: dict):
+    def edit(t, meta):
+        t[key] = encode_comfy_quant(conf)
+    return edit
+
+
+def _shape(key, fn):
+    def edit(t, meta):
+        _set(key, fn)(t)
+    return edit
+
+
+def _listed_in_header(extra: dict):
+    """The layers listed in the header's _quantization_metadata (the older form) instead of comfy_quant tensors,
+    with `extra` laid over the list."""
+    def edit(t, meta):
+        layers = {k[: -len(".comfy_quant")]: json.loads(bytes(t.pop(k).tolist()).decode())
+                  for k in list(t) if k.endswith(".comfy_quant")}
+        meta["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": {**layers, **extra}})
+    return edit
+
+
+# edit(tensors, metadata) makes one contradiction; the error must contain every fragment (and the file's path)
+@pytest.mark.parametrize("edit,fragments", [
+    # the format named contradicts the tensors present
+    (_json(f"{MOD}.comfy_quant", {"format": "svdquant_w4a4"}),
+     (f"{MOD}.comfy_quant says svdquant_w4a4, but the layer has awq_w4a16's tensors ({MOD}.weight_zeros) and lacks "
+      f"{MOD}.weight_proj_down", "the per-layer metadata contradicts the tensors")),
+    (_json(f"{QKV}.comfy_quant", {"format": "awq_w4a16", "group_size": 64}),
+     (f"{QKV}.comfy_quant says awq_w4a16, but the layer has svdquant_w4a4's tensors ({QKV}.weight_proj_down",
+      f"and lacks {QKV}.weight_zeros")),
+    (_listed_in_header({QKV: {"format": "awq_w4a16"}}),
+     (f"_quantization_metadata lists {QKV} as awq_w4a16, but the layer has svdquant_w4a4's tensors",)),
+    # group size against the scales
+    (_json(f"{MOD}.comfy_quant", {"format": "awq_w4a16", "group_size": 32}),
+     (f"{MOD}.weight_scale has shape [2, 768], expected [K/G, N] = [4, 768] for {MOD}.weight [768, 64] (N = 768, "
+      f"K = 128) and group_size 32 (these scales fit group_size 64, but comfy_quant says 32",)),
+    (_json(f"{QKV}.comfy_quant", {"format": "svdquant_w4a4", "group_size": 128}),
+     (f"{QKV}: its per-layer metadata says svdquant_w4a4 with group_size 128, but svdquant_w4a4 (int4) has group "
+      f"size 64 only",)),
+    # a listed layer without tensors; tensors of a layer that is not listed
+    (_json("double_blocks.0.ghost.comfy_quant", {"format": "svdquant_w4a4"}),
+     ("double_blocks.0.ghost.comfy_quant says svdquant_w4a4, but the file has no tensor double_blocks.0.ghost.*",)),
+    (_listed_in_header({"double_blocks.0.ghost": {"format": "awq_w4a16"}}),
+     ("_quantization_metadata lists double_blocks.0.ghost as awq_w4a16, but the file has no tensor "
+      "double_blocks.0.ghost.*",)),
+    (lambda t, meta: t.pop(f"{QKV}.comfy_quant"),
+     (f"is a tensor of a quantized layer, but the file has no {QKV}.comfy_quant",)),
+    # weight_scale against weight; the low-rank factors and smoothing against N, K and R
+    (_shape(f"{QKV}.weight_scale", lambda t: t[:, :-1]),
+     (f"{QKV}.weight_scale has shape [2, 383], expected [K/64, N] = [2, 384] for {QKV}.weight [384, 64]",)),
+    (_shape(f"{QKV}.weight_scale", lambda t: torch.cat([t, t])),
+     (f"{QKV}.weight_scale has shape [4, 384], expected [K/64, N] = [2, 384]",)),
+    (_shape(f"{MOD}.weight_zeros", lambda t: t[:, :-1]),
+     (f"{MOD}: weight_scale is [2, 768] and weight_zeros [2, 767], expected both [K/G, N]",)),
+    (_shape(f"{QKV}.weight", lambda t: t[:, :-1]),
+     (f"{QKV}.weight has shape [384, 63]: K = 126 input features is not a multiple of svdquant_w4a4's group size",)),
+    (_shape(f"{QKV}.weight_proj_down", lambda t: t[:-1]),
+     (f"{QKV}.weight_proj_down has shape [127, 16], expected [K, R] = [128, R]",)),
+    (_shape(f"{QKV}.weight_proj_up", lambda t: t[:-1]),
+     (f"{QKV}.weight_proj_up has shape [383, 16], expected [N, R] = [384, 16]",)),
+    (_shape(f"{QKV}.weight_proj_up", lambda t: t[:, :-1]),
+     (f"{QKV}.weight_proj_up has shape [384, 15], expected [N, R] = [384, 16]", "R from weight_proj_down")),
+    (_shape(f"{QKV}.weight_smooth_factor", lambda t: t[:-1]),
+     (f"{QKV}.weight_smooth_factor has shape [127], expected [K] = [128]",)),
+], ids=["svdquant-says-awq-tensors", "awq-says-svdquant-tensors", "header-awq-for-svdquant", "awq-group-size",
+        "svdquant-group-size", "listed-no-tensors", "header-listed-no-tensors", "tensors-not-listed",
+        "scale-N", "scale-K", "awq-zeros-N", "weight-K", "proj-down-K", "proj-up-N", "proj-up-R", "smooth-K"])
+def test_comfy_layer_metadata_contradicting_tensors_refused(files, tmp_path, edit, fragments):
+    """Each a ValueError naming the file and the key, before any layer is built (nodes/checkpoint.py reads
+    every layer through nunchaku_core.formats.comfy_native as 'SVDQuant Model Loader' does, whatever the family)."""
+    path = tmp_path / "contradicts.safetensors"
+    with safe_open(str(files["comfy"]), "pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors, meta)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    expect_error("flux", path, *fragments)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -253,16 +253,48 @@ def test_stacked_loras_and_changing_one_strength(nodes, files):
 # bad LoRAs
 # ---------------------------------------------------------------------------------------------------------
 
-def test_other_architecture_lora_warns_and_changes_nothing(nodes, files, caplog):
+@pytest.mark.parametrize("which", ["sd15", "zimage"])
+def test_other_family_lora_is_a_clear_error_and_changes_nothing(nodes, files, caplog, which):
+    """None of the LoRA's tensors maps onto the model (ComfyUI's key maps; it logs 'lora key not loaded' for
+    each and would render the unchanged model): LoRAError naming the LoRA's first tensors and the model's file;
+    the model keeps no patch. At strength 0 nothing is asked of the model, and nothing is raised."""
+    lora = lora_files.sd15_lora() if which == "sd15" else lora_files.zimage_lora()
     patcher = load(nodes, files, "tiny")
     nodes["mm"].load_models_gpu([patcher])
     before = _outputs(patcher, nodes)
     caplog.set_level(logging.WARNING)
-    patched = apply_lora(nodes, patcher, lora_files.sd15_lora())
+    with pytest.raises(nodes["patches"].LoRAError) as e:
+        nodes["sd"].load_lora_for_models(patcher, None, lora, 1.0, 0)
     warned = [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()]
-    assert len(warned) == 6, warned
-    assert patched.patches == {}
-    assert _bit_identical(_outputs(patched, nodes), before)
+    assert len(warned) == len(lora), warned
+    first = next(iter(lora))
+    msg = str(e.value)
+    for fragment in (f"none of its {len(lora)} tensors (first: {first}", "maps onto a layer of this model, "
+                     f"ComfyUI's Flux loaded from {files['tiny']}", "made for another model family", "Nothing was applied"):
+        assert fragment in msg, (fragment, msg)
+    assert patcher.patches == {}
+    assert _bit_identical(_outputs(patcher, nodes), before)
+    zero, _ = nodes["sd"].load_lora_for_models(patcher, None, lora, 0.0, 0)
+    assert zero.patches == {}
+
+
+def test_other_family_lora_partly_mapped_warns(nodes, files, caplog):
+    """A Qwen-Image LoRA (its attention keys are FLUX.1's diffusers names) of the model's width: ComfyUI maps the
+    attention part and applies it, as stock ComfyUI does; one warning names how many tensors map onto nothing.
+    A LoRA that maps whole gives no such line."""
+    patcher = load(nodes, files, "tiny")
+    caplog.set_level(logging.WARNING)
+    lora = lora_files.qwen_image_lora(hidden=TINY["hidden"])
+    patched, _ = nodes["sd"].load_lora_for_models(patcher, None, lora, 1.0, 0)
+    ours = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SVDQuant: LoRA")]
+    assert len(ours) == 1, ours
+    assert ("4 of its 20 tensors map onto no layer (first: transformer_blocks.0.img_mlp.net.0.proj.lora_A.weight"
+            in ours[0] and "ComfyUI's Flux loaded from" in ours[0]), ours
+    assert {k for k in patched.patches} == {f"diffusion_model.double_blocks.0.{s}_attn.{n}.weight"
+                                            for s in ("img", "txt") for n in ("qkv", "proj")}
+    caplog.clear()
+    nodes["sd"].load_lora_for_models(patcher, None, lora_files.kohya(**TINY)[0], 1.0, 0)
+    assert not [r for r in caplog.records if r.getMessage().startswith("SVDQuant: LoRA")]
 
 
 def test_shape_mismatch_is_a_clear_error_and_leaves_the_model(nodes, files):

@@ -29,6 +29,7 @@ itself and comfy-kitchen has no knowledge of Nunchaku's interleave.
 from __future__ import annotations
 
 import json
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -49,6 +50,12 @@ _AWQ_ZERO_POINT = 8  # comfy-kitchen's AWQ dequantizes (q − 8)·scale + zeros
 SVDQUANT_KEYS = ("weight", "weight_scale", "weight_proj_down", "weight_proj_up", "weight_smooth_factor")
 AWQ_KEYS = ("weight", "weight_scale", "weight_zeros")
 OPTIONAL_KEYS = ("bias",)
+
+
+INCONSISTENT = "the file was edited or written by a broken converter; re-quantize it"
+# Tensors only one of the two formats has: one of the other's in a layer means its metadata names the wrong format.
+_ONLY = {SVDQUANT_FORMAT: ("weight_proj_down", "weight_proj_up", "weight_smooth_factor"),
+         AWQ_FORMAT: ("weight_zeros",)}
 
 
 def _fail(where: str, msg: str) -> ValueError:
@@ -122,6 +129,58 @@ def _need(tensors: dict, key: str, where: str) -> torch.Tensor:
     return tensors[key]
 
 
+def _shape_error(where: str, key: str, t: torch.Tensor, want: str, why: str) -> ValueError:
+    """`where` is "<file>: <layer>", so the message names the file's own key, "<file>: <layer>.<key>"."""
+    return ValueError(f"{where}.{key} has shape {list(t.shape)}, expected {want} {why}; the layer's tensors do not "
+                      f"fit together: {INCONSISTENT}")
+
+
+def _check_svdquant_shapes(t: dict, where: str) -> None:
+    """Natural-layout svdquant_w4a4 tensors against the N and K that `weight` [N, K/2] gives, and the rank R that
+    `weight_proj_down` [K, R] gives, each error naming the file's key (layer.validate would name our own
+    fields, transposed)."""
+    w = t["weight"]
+    N, K = w.shape[0], 2 * w.shape[1]
+    of = f"for {where.rsplit(': ', 1)[-1]}.weight {list(w.shape)} (N = {N}, K = {K})"
+    if K % 64:
+        raise ValueError(f"{where}.weight has shape {list(w.shape)}: K = {K} input features is not a multiple of "
+                         f"svdquant_w4a4's group size 64; {INCONSISTENT}")
+    s = t["weight_scale"]
+    if tuple(s.shape) != (K // 64, N):
+        raise _shape_error(where, "weight_scale", s, f"[K/64, N] = [{K // 64}, {N}]", of)
+    down = t["weight_proj_down"]
+    if down.dim() != 2 or down.shape[0] != K:
+        raise _shape_error(where, "weight_proj_down", down, f"[K, R] = [{K}, R]", of)
+    R = down.shape[1]
+    up = t["weight_proj_up"]
+    if tuple(up.shape) != (N, R):
+        raise _shape_error(where, "weight_proj_up", up, f"[N, R] = [{N}, {R}]", f"{of} and R from weight_proj_down")
+    if tuple(t["weight_smooth_factor"].shape) != (K,):
+        raise _shape_error(where, "weight_smooth_factor", t["weight_smooth_factor"], f"[K] = [{K}]", of)
+    if t.get("bias") is not None and tuple(t["bias"].shape) != (N,):
+        raise _shape_error(where, "bias", t["bias"], f"[N] = [{N}]", of)
+
+
+def _check_awq_shapes(t: dict, G: int, where: str) -> None:
+    """awq_w4a16 tensors against `weight` [N, K/2] and the JSON's group size G; scales that fit another group size
+    are named as such (the JSON and the tensors disagree)."""
+    w = t["weight"]
+    N, K = w.shape[0], 2 * w.shape[1]
+    of = f"for {where.rsplit(': ', 1)[-1]}.weight {list(w.shape)} (N = {N}, K = {K}) and group_size {G}"
+    groups = math.ceil(K / G)
+    for key in ("weight_scale", "weight_zeros"):
+        s = t[key]
+        if tuple(s.shape) == (groups, N):
+            continue
+        hint = ""
+        if s.dim() == 2 and s.shape[1] == N and s.shape[0] and K % s.shape[0] == 0:
+            hint = (f" (these scales fit group_size {K // s.shape[0]}, but comfy_quant says {G}: the per-layer "
+                    f"metadata contradicts the tensors)")
+        raise _shape_error(where, key, s, f"[K/G, N] = [{groups}, {N}]", of + hint)
+    if t.get("bias") is not None and tuple(t["bias"].shape) != (N,):
+        raise _shape_error(where, "bias", t["bias"], f"[N] = [{N}]", of)
+
+
 def _require_floats(tensors: dict, where: str) -> None:
     """Scales, zeros, smoothing, low-rank factors and bias are floating point (`weight` holds the codes)."""
     for k in SVDQUANT_KEYS[1:] + AWQ_KEYS[1:] + OPTIONAL_KEYS:
@@ -133,7 +192,9 @@ def _require_floats(tensors: dict, where: str) -> None:
 def svdquant_from_comfy(tensors: dict[str, torch.Tensor], conf: dict, where: str) -> SVDQuantLayer:
     """Tensors of one svdquant_w4a4 layer (keys are the suffixes above) -> SVDQuantLayer (int4)."""
     if conf.get("group_size", 64) != 64:
-        raise _fail(where, f"svdquant_w4a4 group_size {conf['group_size']}, only 64 exists for int4")
+        raise ValueError(f"{where}: its per-layer metadata says svdquant_w4a4 with group_size {conf['group_size']!r}, "
+                         f"but svdquant_w4a4 (int4) has group size 64 only: the per-layer metadata contradicts the "
+                         f"format; {INCONSISTENT}")
     basis = conf.get("lowrank_branch_input_basis", "raw")
     if basis != "raw":
         raise _fail(where, f"lowrank_branch_input_basis {basis!r}: only 'raw' (D acts on the unsmoothed input) is "
@@ -153,6 +214,9 @@ def svdquant_from_comfy(tensors: dict[str, torch.Tensor], conf: dict, where: str
     if w.dim() != 2 or s.dim() != 2:
         raise _fail(where, f"weight is {list(w.shape)} and weight_scale {list(s.shape)}, expected [N, K/2] and "
                            f"[K/64, N]")
+    _check_svdquant_shapes({**tensors, "weight": w, "weight_scale": s, "weight_proj_up": up,
+                            "weight_proj_down": _need(tensors, "weight_proj_down", where),
+                            "weight_smooth_factor": _need(tensors, "weight_smooth_factor", where)}, where)
     layer = SVDQuantLayer(
         precision="int4",
         codes=unpack_nibbles(w, signed=True),
@@ -181,6 +245,7 @@ def w4a16_from_comfy(tensors: dict[str, torch.Tensor], conf: dict, where: str) -
     if s.dim() != 2 or z.shape != s.shape:
         raise _fail(where, f"weight_scale is {list(s.shape)} and weight_zeros {list(z.shape)}, expected both "
                            f"[K/G, N]")
+    _check_awq_shapes(tensors, G, where)
     s32, z32 = s.t().float(), z.t().float()                          # [K/G, N] -> [N, K/G]
     layer = W4A16Layer(codes=unpack_nibbles(w, signed=False), scales=s32,
                        zeros=z32 - _AWQ_ZERO_POINT * s32, bias=tensors.get("bias"), group_size=G)
@@ -270,9 +335,19 @@ class ComfyNativeCheckpoint:
                              f"{SVDQUANT_FORMAT}/{AWQ_FORMAT} (first: {first[0]} = {first[1]!r}); load this file "
                              f"with ComfyUI's 'Load Diffusion Model' instead")
         self._keys = set(keys)
+        # where the per-layer formats come from, for messages: "<layer>.comfy_quant" tensors or the header's JSON
+        self._listed_in = "comfy_quant" if any(k.endswith(".comfy_quant") for k in keys) else "_quantization_metadata"
         owned = {f"{name}.{s}" for name in self.formats for s in SVDQUANT_KEYS + AWQ_KEYS + OPTIONAL_KEYS
                  + ("comfy_quant",)}
         self._plain = [k for k in keys if k not in owned]
+        unlisted = [k for k in self._plain if k.endswith(tuple(f".{s}" for s in SVDQUANT_KEYS[1:] + AWQ_KEYS[1:]))]
+        if unlisted:
+            layer = unlisted[0].rsplit(".", 1)[0]
+            missing = f"the file has no {layer}.comfy_quant" if self._listed_in == "comfy_quant" else \
+                f"_quantization_metadata does not list {layer}"
+            raise ValueError(f"{self.path}: {unlisted[0]} is a tensor of a quantized layer, but {missing} "
+                             f"({len(unlisted)} such tensors in the file); the per-layer metadata is missing for "
+                             f"that layer: {INCONSISTENT}")
 
     def layer_names(self) -> list[str]:
         return sorted(self.formats)
@@ -282,14 +357,29 @@ class ComfyNativeCheckpoint:
 
     def layer(self, name: str):
         conf = self.formats[name]
+        fmt = conf["format"]
         where = f"{self.path}: {name}"
-        suffixes = SVDQUANT_KEYS if conf["format"] == SVDQUANT_FORMAT else AWQ_KEYS
+        present = [s for s in SVDQUANT_KEYS + AWQ_KEYS[2:] + OPTIONAL_KEYS if f"{name}.{s}" in self._keys]
+        said = f"{name}.comfy_quant says {fmt}" if self._listed_in == "comfy_quant" else \
+            f"_quantization_metadata lists {name} as {fmt}"
+        if not present:
+            raise ValueError(f"{self.path}: {said}, but the file has no tensor {name}.* (expected {name}.weight, "
+                             f"{name}.weight_scale, ...); the per-layer metadata names a layer that is not there: "
+                             f"{INCONSISTENT}")
+        other = AWQ_FORMAT if fmt == SVDQUANT_FORMAT else SVDQUANT_FORMAT
+        foreign = [f"{name}.{s}" for s in _ONLY[other] if s in present]
+        if foreign:
+            lacking = [f"{name}.{s}" for s in _ONLY[fmt] if s not in present]
+            raise ValueError(f"{self.path}: {said}, but the layer has {other}'s tensors ({', '.join(foreign)})"
+                             + (f" and lacks {', '.join(lacking)}" if lacking else "")
+                             + f": the per-layer metadata contradicts the tensors; {INCONSISTENT}")
+        suffixes = SVDQUANT_KEYS if fmt == SVDQUANT_FORMAT else AWQ_KEYS
         tensors = {}
         for s in suffixes + OPTIONAL_KEYS:
             key = f"{name}.{s}"
             if key in self._keys:
                 tensors[s] = self._read(key)
-        if conf["format"] == SVDQUANT_FORMAT:
+        if fmt == SVDQUANT_FORMAT:
             return svdquant_from_comfy(tensors, conf, where)
         return w4a16_from_comfy(tensors, conf, where)
 

@@ -39,6 +39,7 @@ def loras(comfy_models) -> dict:
     write("flux3072_r16_b.safetensors", lora_files.diffusers(3072, 1, 1, rank=16, std=0.003, seed=21)[0])
     write("flux512.safetensors", lora_files.kohya(512, 1, 1, rank=4, seed=22)[0])        # another FLUX width
     write("sd15.safetensors", lora_files.sd15_lora())
+    write("qwen_image.safetensors", lora_files.qwen_image_lora(std=0.05))   # another family; attention part maps
     return out
 
 
@@ -136,8 +137,11 @@ def test_strength_zero_removal_and_stack(comfy, flux3072, loras):
 
 
 def test_bad_loras(comfy, flux3072, loras):
-    """A LoRA for a wider FLUX: a clear error naming the tensor, the server keeps working and the model is
-    unchanged. A LoRA for SD1.5: ComfyUI's 'lora key not loaded' warnings, the image unchanged."""
+    """A LoRA for a wider FLUX: a clear error naming the tensor. A LoRA for SD1.5, none of whose tensors ComfyUI maps
+    (stock ComfyUI would log 'lora key not loaded' per tensor and render the unchanged model): a clear error naming
+    the LoRA file and the model's. The server keeps working and the model is unchanged. A Qwen-Image LoRA, whose
+    attention keys are FLUX.1's diffusers names (3072 wide in both): ComfyUI applies that part, as stock ComfyUI
+    does, and one warning line names the LoRA and how many of its tensors map onto nothing."""
     q = graphs.svdquant_loader(flux3072["int4"])
     base = image(comfy, graph(q, 11))
     entry = comfy.run(graph(q, 11, [(loras["flux512"], 1.0)]))
@@ -146,7 +150,18 @@ def test_bad_loras(comfy, flux3072, loras):
     assert err["exception_type"].endswith("LoRAError"), err
     assert "lora_unet_" in err["exception_message"] and "another model" in err["exception_message"], err
     assert torch.equal(image(comfy, graph(q, 11)), base)
-    before = comfy.log().count("lora key not loaded")
-    assert torch.equal(image(comfy, graph(q, 11, [(loras["sd15"], 1.0)])), base)
-    assert comfy.log().count("lora key not loaded") - before == 6
+    before = comfy.log().count("lora key not loaded: ")
+    entry = comfy.run(graph(q, 11, [(loras["sd15"], 1.0)]))
+    assert entry["status"]["status_str"] == "error"
+    err = comfy.error(entry)
+    assert err["exception_type"].endswith("LoRAError"), err
+    assert f"{loras['sd15']}: none of its 6 tensors (first: lora_te_" in err["exception_message"], err
+    assert flux3072["int4"] in err["exception_message"] and "another model family" in err["exception_message"], err
+    assert comfy.log().count("lora key not loaded: ") - before == 6
+    assert torch.equal(image(comfy, graph(q, 11)), base)
+    log_start = len(comfy.log())
+    qwen = image(comfy, graph(q, 11, [(loras["qwen_image"], 1.0)]))
+    warned = [line for line in comfy.log()[log_start:].splitlines() if "SVDQuant: LoRA" in line]
+    assert len(warned) == 1 and loras["qwen_image"] in warned[0] and "4 of its 20 tensors map onto no layer" in warned[0], warned
+    assert not torch.equal(qwen, base)
     comfy.free()

@@ -9,7 +9,7 @@ random Nunchaku file (tests/flux_models.py), VAELoader the random TAEF1, and the
 and CLIPTextEncode) becomes TinyFluxConditioning (tests/comfy/tiny_flux_test: random conditioning of the widths
 the model expects; CLIP-L / T5-XXL cannot be made small). Qwen-Image, Z-Image and FLUX.2 (the family is read off
 the workflow's CLIPLoader type): 'SVDQuant Model Loader' gets the family's tiny random model (tests/family_models.py)
-quantized by nunchaku_core.quantize_model into ComfyUI's per-layer layout, CLIPTextEncode becomes
+quantized by nunchaku_core.quantize.model into ComfyUI's per-layer layout, CLIPTextEncode becomes
 TinyFamilyConditioning, VAELoader the family's tiny decoder (tests/comfy/test_family_models.py). The Qwen-Image and
 Z-Image workflows name Nunchaku's published files; the loader reads that layout too (tests/test_nunchaku_dit.py),
 but only at widths ComfyUI cannot build, since its detection forces Qwen-Image's 3072 and Z-Image's 3840, so the
@@ -180,7 +180,7 @@ FAMILY_RANK = 32
 def _family_cache_key(family: str) -> str:
     """Hash of the tiny model's recipe and of every nunchaku_core module the quantizer runs."""
     import inspect
-    import nunchaku_core.quantize_model  # noqa: F401  (loads the modules hashed below)
+    import nunchaku_core.quantize.model  # noqa: F401  (loads the modules hashed below)
     h = hashlib.sha256(f"{family} rank {FAMILY_RANK} seed 5".encode())
     for fn in (family_models.family_shapes, family_models.random_state_dict, family_models.write_random_model):
         h.update(inspect.getsource(fn).encode())
@@ -194,8 +194,8 @@ def _family_cache_key(family: str) -> str:
 
 def quantized_family_model(family: str, models: Path) -> str:
     """The family's tiny model quantized into ComfyUI's layout, linked into models/diffusion_models; its name."""
-    from nunchaku_core.quantize_flux import QuantizeOptions
-    from nunchaku_core.quantize_model import quantize_model
+    from nunchaku_core.quantize.flux import QuantizeOptions
+    from nunchaku_core.quantize.model import quantize_model
     key = _family_cache_key(family)
     cache = Path(os.environ.get("SVDQ_TEST_CACHE", Path.home() / ".cache" / "svdquant-tests"))
     cache.mkdir(parents=True, exist_ok=True)
