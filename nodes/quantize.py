@@ -1,8 +1,9 @@
 """ComfyUI nodes of the quantizer: 'SVDQuant Quantize Model' (a diffusion model file from models/diffusion_models
--> an SVDQuant checkpoint in the same folder: ComfyUI's per-layer layout for any family, or Nunchaku's for FLUX.1) and 'SVDQuant Record Calibration' (a MODEL patch that records
-activation statistics while an ordinary sampling workflow runs, for the quantizer's --calib).
+-> an SVDQuant checkpoint in the same folder: ComfyUI's per-layer layout for any family, or Nunchaku's for FLUX.1)
+and 'SVDQuant Record Calibration' (a MODEL patch that records activation statistics of any model family while an
+ordinary sampling workflow runs, for the quantizer's --calib).
 
-Thin: paths, progress and wiring here; all work in nunchaku_core (quantize_model, quantize_flux, calibration). comfy and
+Thin: paths, progress and wiring here; all work in nunchaku_core.quantize (model, flux, calibration). comfy and
 folder_paths are imported inside the functions, so this module imports without ComfyUI (tests).
 """
 from __future__ import annotations
@@ -55,9 +56,9 @@ class SVDQuantQuantizeModel:
                             {"tooltip": "a file recorded with 'SVDQuant Record Calibration'; none = data-free"}),
             "gptq": ("BOOLEAN", {"default": False, "tooltip": "GPTQ on the 4-bit residual (needs calibration)"}),
             "format": (list(FORMATS), {"default": "auto", "tooltip":
-                       "comfy: ComfyUI's per-layer svdquant_w4a4 layout, any model family (INT4, data-free); "
-                       "nunchaku: Nunchaku's FLUX.1 format (INT4 or NVFP4, calibration, GPTQ); auto: comfy unless "
-                       "nvfp4, a calibration or GPTQ is chosen"}),
+                       "comfy: ComfyUI's per-layer svdquant_w4a4 layout, any model family (INT4); "
+                       "nunchaku: Nunchaku's FLUX.1 format (INT4 or NVFP4); auto: comfy unless nvfp4. Both take a "
+                       "calibration and GPTQ"}),
         }}
 
     RETURN_TYPES = ("STRING",)
@@ -89,13 +90,10 @@ class SVDQuantQuantizeModel:
             comfy.model_management.throw_exception_if_processing_interrupted()
             bar.update_absolute(done, total)
 
-        fmt = output_format(format, precision, calib is not None, gptq)
+        fmt = output_format(format, precision)
         options = QuantizeOptions(precision=precision, rank=rank, gptq=gptq)
         if fmt == "comfy":
-            if calib is not None:
-                raise ValueError("format comfy is data-free for now: pick calibration 'none', or format nunchaku "
-                                 "(FLUX.1) to use a calibration")
-            res = quantize_model(src, out, options=options, progress=progress)
+            res = quantize_model(src, out, options=options, calib_path=calib, progress=progress)
         else:
             res = quantize_flux(src, out, options=options, calib_path=calib, progress=progress)
         log.info("SVDQuant: wrote %s (%s layout, %s) in %.0f s\n%s", out, fmt, res.variant, res.seconds,
@@ -110,8 +108,9 @@ class SVDQuantRecordCalibration:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "the bf16 FLUX.1 model to be quantized later"}),
-            "file_name": ("STRING", {"default": "flux-calibration",
+            "model": ("MODEL", {"tooltip": "the unquantized model (any family, from 'Load Diffusion Model') to be "
+                                           "quantized later"}),
+            "file_name": ("STRING", {"default": "calibration",
                                      "tooltip": "written into models/svdquant_calibration after every sampling run"}),
             "max_rows": ("INT", {"default": 256, "min": 16, "max": 4096,
                                  "tooltip": "activation rows kept per layer (uniform sample over all tokens)"}),
@@ -129,7 +128,7 @@ class SVDQuantRecordCalibration:
 
         path = os.path.join(_calibration_folder(), _file_name(file_name, "file_name"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        recorder = recorder_for_module(model.model.diffusion_model, model.model.model_config.unet_config, max_rows)
+        recorder = recorder_for_module(model.model.diffusion_model, max_rows)
 
         def record(executor, *args, **kwargs):
             recorder.attach(executor.class_obj.model_patcher.model.diffusion_model)

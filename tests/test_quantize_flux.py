@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nunchaku_core.models import flux
 from nunchaku_core import reference as ref
-from nunchaku_core.quantize.calibration import CalibrationError, CalibrationRecorder, fingerprint, load_calibration
+from nunchaku_core.quantize.calibration import CalibrationError, load_calibration, recorder_for_module
 from nunchaku_core.models.flux_source import (DIFFUSERS_DOUBLE, DIFFUSERS_DOUBLE_NORMS, DIFFUSERS_SINGLE,
                                        DIFFUSERS_SINGLE_NORMS, open_flux_source)
 from nunchaku_core.formats.nunchaku import open_nunchaku
@@ -257,15 +258,17 @@ def bfl_modules(sd: dict) -> torch.nn.Module:
 
 
 def record(sd: dict, path: Path, steps=3, tokens=96) -> Path:
-    src_cfg = flux.comfy_model_config(hidden_size=H, depth=1, depth_single_blocks=1, in_channels=16,
-                                      context_in_dim=64, vec_in_dim=32, guidance_embed=True, num_heads=2)
-    rec = CalibrationRecorder(src_cfg, fingerprint(lambda k: sd[k]), max_rows=128)
     m = bfl_modules(sd)
+    rec = recorder_for_module(m, max_rows=128)
+    assert rec.family == "flux"          # the FLUX.1 policy's W4A4 Linears: what Nunchaku's format quantizes
+    assert sorted(rec.names) == sorted([f"double_blocks.0.{s}_{n}" for s in ("img", "txt")
+                                        for n in ("attn.proj", "attn.qkv", "mlp.0", "mlp.2")]
+                                       + ["single_blocks.0.linear1", "single_blocks.0.linear2"])
     g = torch.Generator().manual_seed(0)
     rec.attach(m)
     mods = dict(m.named_modules())
     for _ in range(steps):          # stand-in for sampling steps: feed every hooked linear some tokens
-        for name in rec.module_names(1, 1):
+        for name in rec.names:
             lin = mods[name]
             x = torch.randn(tokens, lin.in_features, generator=g)
             x[:, :4] *= 20                                                 # outlier channels
@@ -357,16 +360,11 @@ def test_output_write_error_leaves_nothing(model, tmp_path, monkeypatch):
 
 def test_calibration_from_another_model(model, tmp_path):
     d, sd, src = model
-    other_shape = tiny_bfl(guidance=False)
-    cal = record(other_shape, tmp_path / "schnell.safetensors")
-    # the recorder was told guidance_embed=True, so rewrite the model metadata as a schnell recording would
-    from safetensors import safe_open
-    with safe_open(str(cal), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    meta["model"] = json.dumps({**json.loads(meta["model"]), "guidance_embed": False})
-    save_file(tensors, str(cal), metadata=meta)
-    assert_fails_cleanly(tmp_path, src, r"schnell.safetensors: calibration recorded on another model "
-                                        r"\(guidance_embed False in the file vs True", calib=cal)
+    wider = {k: (torch.cat([v, v], dim=1) if k == "double_blocks.0.img_mlp.2.weight" else v) for k, v in sd.items()}
+    wide = record(wider, tmp_path / "wide.safetensors")
+    assert_fails_cleanly(tmp_path, src, r"wide.safetensors: calibration recorded on another model "
+                                        r"\(double_blocks.0.img_mlp.2 is \[\d+, \d+\] in the file, the model has it as",
+                         calib=wide, exc=CalibrationError)
     other_weights = record(tiny_bfl(seed=1), tmp_path / "seed1.safetensors")
     assert_fails_cleanly(tmp_path, src, r"seed1.safetensors: calibration recorded on a model with other weights",
                          calib=other_weights, exc=CalibrationError)
@@ -376,6 +374,30 @@ def test_calibration_from_another_model(model, tmp_path):
     garbage.write_bytes(b"\xff" * 64)
     assert_fails_cleanly(tmp_path, src, r"garbage.safetensors: cannot read as a safetensors calibration file",
                          calib=garbage)
+
+
+def test_version1_calibration_still_read(model, tmp_path):
+    """Files recorded before the any-family format (version 1: FLUX.1 shape fields + img_in/txt_in fingerprint)
+    still drive the quantizer, and their shape check still names the field."""
+    d, sd, src = model
+    v2 = record(sd, tmp_path / "v2.safetensors")
+    with safe_open(str(v2), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    shape = flux.comfy_model_config(hidden_size=H, depth=1, depth_single_blocks=1, in_channels=16, context_in_dim=64,
+                                    vec_in_dim=32, guidance_embed=True, num_heads=2)
+    fields = ("hidden_size", "depth", "depth_single_blocks", "in_channels", "context_in_dim", "vec_in_dim",
+              "guidance_embed")
+    fp = [x for k in ("img_in.weight", "txt_in.weight") for x in sd[k][:8, :8].float().flatten().tolist()]
+    meta = {"format": "svdquant-calibration", "version": "1", "model": json.dumps({k: shape[k] for k in fields}),
+            "fingerprint": json.dumps(fp), "max_rows": "128"}
+    v1 = tmp_path / "v1.safetensors"
+    save_file(tensors, str(v1), metadata=meta)
+    assert load_calibration(v1).version == "1"
+    quantize_flux(src, tmp_path / "q.safetensors", options=QuantizeOptions(**FAST), calib_path=v1)
+    save_file(tensors, str(v1), metadata={**meta, "model": json.dumps({**{k: shape[k] for k in fields},
+                                                                       "guidance_embed": False})})
+    assert_fails_cleanly(tmp_path, src, r"v1.safetensors: calibration recorded on another model "
+                                        r"\(guidance_embed False in the file vs True", calib=v1, exc=CalibrationError)
 
 
 def test_gptq_without_calibration(model, tmp_path):

@@ -119,3 +119,65 @@ def test_family_policies_follow_the_linear_roles(family):
                 "w4a16" if role == "mod" and name not in final_mod else "keep")
         assert d.kind == want, f"{family}: {name} ({role}, fed by {feeder}) is {d.kind}: {d.reason}"
         assert d.shifted == (role == "mlp_out" and feeder.startswith("GELU")), f"{family}: {name} shift"
+
+
+# Reduced widths of the families whose ComfyUI-detectable sizes are forced (380 M / 900 M parameters): the
+# policies match key names, so the quantizer treats these as the families they are named after.
+REDUCED = {"zimage": {"ZIMAGE_DIM": 256, "ZIMAGE_FFN": 512}, "qwen_image": {"QWEN_HIDDEN": 256, "QWEN_JOINT_DIM": 256},
+           "flux2": {}}
+REDUCED_DIMS = {"flux2": {"hidden": 128, "depth_single": 1}}
+
+
+@pytest.mark.parametrize("family", ["zimage", "qwen_image", "flux2"])
+def test_calibrated_any_family(family, tmp_path, monkeypatch):
+    """A calibration recorded on a family's model (quantize/calibration.py's recorder on a module tree with the
+    file's names, fed outlier-heavy inputs) drives quantize_model with GPTQ: the file names the calibration, every
+    W4A4 layer's smoothing strength comes from the calibrated grid (or none won), and SVDQuant beats naive W4A4 on
+    the recorded activations by far. A calibration of another model, or one that misses a layer, is refused naming
+    the file and the Linear. The family's key names at reduced widths (REDUCED; ComfyUI's detection is not
+    involved here: tests/comfy/test_family_calibration.py records in a real sampling run at the detected sizes)."""
+    import family_models as fam
+    from nunchaku_core.quantize import svdquant
+    from nunchaku_core.quantize.calibration import CalibrationError, recorder_for_module
+    from test_quantize_flux import bfl_modules
+    for name, value in REDUCED[family].items():
+        monkeypatch.setattr(fam, name, value)
+    src = tmp_path / f"{family}.safetensors"
+    fam.write_random_model(family, src, seed=2, **REDUCED_DIMS.get(family, {}))
+    assert fam.param_count(fam.family_shapes(family, **REDUCED_DIMS.get(family, {}))) < 20_000_000
+    with safe_open(str(src), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+
+    def record(state_dict, path, skip=()):
+        module = bfl_modules(state_dict)
+        rec = recorder_for_module(module, max_rows=96)
+        assert rec.family == family
+        rec.attach(module)
+        mods, g = dict(module.named_modules()), torch.Generator().manual_seed(0)
+        for name in rec.names:
+            if name in skip:
+                continue
+            x = torch.randn(128, mods[name].in_features, generator=g)
+            x[:, :3] *= 30                                                  # outlier channels, as real DiTs have
+            mods[name](x)
+        rec.detach()
+        return rec.save(path)
+
+    cal = record(sd, tmp_path / "cal.safetensors")
+    out = tmp_path / "q.safetensors"
+    res = quantize_model(src, out, options=QuantizeOptions(rank=16, gptq=True), calib_path=cal)
+    info = json.loads(ComfyNativeCheckpoint(str(out)).metadata["svdquant_quantizer"])
+    assert info["calibration"] == "cal.safetensors" and info["gptq"] is True
+    rows = [r for r in res.layers if r["type"] == "w4a4"]
+    assert all(r["alpha"] in set(svdquant.ALPHAS_CALIBRATED) | {None} for r in rows)
+    mean = {v: sum(r[f"err_{v}"] for r in rows) / len(rows) for v in ("naive", "svdquant")}
+    assert mean["svdquant"] < 0.5 * mean["naive"], mean
+
+    other = record({k: v + 1 if v.dim() == 2 else v for k, v in sd.items()}, tmp_path / "other.safetensors")
+    with pytest.raises(CalibrationError, match=r"other.safetensors: calibration recorded on a model with other weights"):
+        quantize_model(src, tmp_path / "o.safetensors", calib_path=other)
+    first = sorted(rows, key=lambda r: r["layer"])[0]["layer"]
+    partial = record(sd, tmp_path / "partial.safetensors", skip=(first,))
+    with pytest.raises(CalibrationError, match=rf"partial.safetensors: has no statistics for {first}"):
+        quantize_model(src, tmp_path / "p.safetensors", calib_path=partial)
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "p.safetensors").exists()

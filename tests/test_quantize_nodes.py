@@ -5,6 +5,7 @@ test's business (not written yet)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import types
 from pathlib import Path
@@ -165,8 +166,11 @@ def test_record_calibration_node(comfy):
 
     inputs = node.SVDQuantQuantizeModel.INPUT_TYPES()["required"]
     assert "my-calib.safetensors" in inputs["calibration"][0]
-    node.SVDQuantQuantizeModel().quantize("flux-tiny.safetensors", "calibrated", "int4", 16, "my-calib.safetensors", False)
-    assert (models / "diffusion_models" / "calibrated.safetensors").is_file()     # auto + calibration: Nunchaku's
-    with pytest.raises(ValueError, match="data-free for now"):
-        node.SVDQuantQuantizeModel().quantize("flux-tiny.safetensors", "x", "int4", 16, "my-calib.safetensors", False,
-                                              "comfy")
+    # auto + calibration: ComfyUI's layout, calibrated; nunchaku: Nunchaku's FLUX.1 format from the same file
+    node.SVDQuantQuantizeModel().quantize("flux-tiny.safetensors", "calibrated", "int4", 16, "my-calib.safetensors", True)
+    ck = ComfyNativeCheckpoint(str(models / "diffusion_models" / "calibrated.safetensors"))
+    assert json.loads(ck.metadata["svdquant_quantizer"])["calibration"] == "my-calib.safetensors"
+    node.SVDQuantQuantizeModel().quantize("flux-tiny.safetensors", "calibrated-nunchaku", "int4", 16,
+                                          "my-calib.safetensors", False, "nunchaku")
+    with open_nunchaku(models / "diffusion_models" / "calibrated-nunchaku.safetensors") as nk:
+        assert nk.svdquant_layer_names()

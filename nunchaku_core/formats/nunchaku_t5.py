@@ -283,7 +283,6 @@ def open_t5(path: str) -> T5File:
         if G != GROUP_SIZE:
             _fail(path, f"quantization_config group_size {G}, the 4-bit T5 format uses {GROUP_SIZE}")
 
-    where = f"{path}: "
     want = f"(from the file's T5 config: {_describe(cfg)}; the config does not match the weights)"
     linears = linear_shapes(cfg)
     plain = plain_shapes(cfg)

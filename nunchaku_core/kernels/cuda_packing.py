@@ -239,14 +239,3 @@ def pack_w4a16_layer(layer: W4A16Layer, where: str = "W4A16Layer") -> CudaW4A16W
         scales=layer.scales.float().contiguous(), zeros=layer.zeros.float().contiguous(),
         bias=None if layer.bias is None else layer.bias.float().contiguous(),
     )
-
-
-def packed_act_shapes(M: int, K: int, precision: str, R: int) -> dict:
-    """Shapes and dtypes of the buffers a quantize kernel writes, for the binding that allocates them."""
-    M_pad = _round_up(M, MMA_M)
-    return {
-        "act_codes": ((M_pad // MMA_M, K // TILE_K, 32, 4), torch.int32),
-        "act_scales": ((K // TILE_K, M_pad), torch.float32 if precision == "int4" else torch.int32),
-        "lora_act": ((M, R), torch.float32),
-    }
-

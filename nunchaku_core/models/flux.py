@@ -163,20 +163,6 @@ def diffusers_config(mc: dict) -> dict:
     }
 
 
-def model_config_from_diffusers(cfg: dict) -> dict:
-    """Inverse of diffusers_config, for files whose `comfy_config` is missing."""
-    heads = cfg.get("num_attention_heads", 24)
-    head_dim = cfg.get("attention_head_dim", 128)
-    in_ch = cfg.get("in_channels", 64) // 4
-    out_ch = cfg.get("out_channels") or cfg.get("in_channels", 64)
-    return comfy_model_config(
-        hidden_size=heads * head_dim, depth=cfg.get("num_layers", 19),
-        depth_single_blocks=cfg.get("num_single_layers", 38), in_channels=in_ch,
-        context_in_dim=cfg.get("joint_attention_dim", 4096), vec_in_dim=cfg.get("pooled_projection_dim", 768),
-        guidance_embed=bool(cfg.get("guidance_embeds", True)), num_heads=heads,
-        axes_dim=list(cfg.get("axes_dims_rope", [16, 56, 56])), out_channels=out_ch // 4)
-
-
 def model_class_for(mc: dict) -> str:
     """ComfyUI supported-model class name recorded in comfy_config."""
     return "Flux" if mc["guidance_embed"] else "FluxSchnell"

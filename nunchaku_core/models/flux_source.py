@@ -14,7 +14,6 @@ The variant (dev, schnell, Fill, Depth/Canny; Kontext has dev's shapes) is detec
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from dataclasses import dataclass
@@ -248,14 +247,6 @@ class FluxSource:
         """BFL keys outside the blocks (embedders, final layer)."""
         return [k for k in self._entries if not k.startswith(("double_blocks.", "single_blocks."))]
 
-    def block_nbytes(self, kind: str, i: int) -> int:
-        prefix = f"{'double_blocks' if kind == 'double' else 'single_blocks'}.{i}."
-        total = 0
-        for k, e in self._entries.items():
-            if k.startswith(prefix):
-                total += sum(math.prod(f.shape(key)) * SUPPORTED_DTYPES[f.dtype_str(key)].itemsize
-                             for f, key in e.parts)
-        return total
 
 
 def open_flux_source(path) -> FluxSource:

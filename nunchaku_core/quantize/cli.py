@@ -9,11 +9,12 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS = ("auto", "comfy", "nunchaku")
 
 
-def output_format(fmt: str, precision: str, calibrated: bool, gptq: bool) -> str:
-    """The layout `auto` means: comfy, unless an option only the FLUX.1 -> Nunchaku path supports asks for it."""
+def output_format(fmt: str, precision: str) -> str:
+    """The layout `auto` means: comfy, unless NVFP4 asks for the FLUX.1 -> Nunchaku path (ComfyUI's svdquant_w4a4
+    layout is INT4 only)."""
     if fmt != "auto":
         return fmt
-    return "nunchaku" if precision == "nvfp4" or calibrated or gptq else "comfy"
+    return "nunchaku" if precision == "nvfp4" else "comfy"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,10 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                  "a diffusers transformer folder")
     p.add_argument("output", help="output .safetensors (single file)")
     p.add_argument("--format", choices=FORMATS, default="auto",
-                   help="comfy: ComfyUI's per-layer svdquant_w4a4/awq_w4a16 layout, any model family (INT4, "
-                        "data-free); nunchaku: Nunchaku's FLUX.1 format (INT4 or NVFP4, calibration, GPTQ); auto "
-                        "(default): comfy, unless --precision nvfp4, --calib or --gptq ask for what only the "
-                        "nunchaku path does")
+                   help="comfy: ComfyUI's per-layer svdquant_w4a4/awq_w4a16 layout, any model family (INT4); "
+                        "nunchaku: Nunchaku's FLUX.1 format (INT4 or NVFP4); auto (default): comfy, unless "
+                        "--precision nvfp4 asks for the nunchaku path. Both take --calib and --gptq")
     p.add_argument("--family", help="quantization policy (nunchaku_core/models/policies.py): a family of its table "
                                     "or 'default' for the default rule; by default detected from the tensor names")
     p.add_argument("--precision", choices=("int4", "nvfp4"), default="int4",
@@ -68,15 +68,13 @@ def main(args) -> int:
         bars[0].update(done - bars[0].n)
         bars[0].set_postfix_str(what, refresh=False)
 
-    fmt = output_format(args.format, args.precision, args.calib is not None, args.gptq)
-    if fmt == "comfy" and args.calib:
-        raise ValueError("--calib: the comfy layout is data-free for now; use --format nunchaku (FLUX.1) to calibrate")
+    fmt = output_format(args.format, args.precision)
     if fmt == "nunchaku" and args.family not in (None, "flux"):
         raise ValueError(f"--family {args.family}: --format nunchaku is FLUX.1 only; use --format comfy")
     try:
         if fmt == "comfy":
-            res = quantize_model(args.input, args.output, options=opts, family=args.family, progress=progress,
-                                 report_path=args.report, print_table=not args.quiet)
+            res = quantize_model(args.input, args.output, options=opts, family=args.family, calib_path=args.calib,
+                                 progress=progress, report_path=args.report, print_table=not args.quiet)
         else:
             res = quantize_flux(args.input, args.output, options=opts, calib_path=args.calib, progress=progress,
                                 report_path=args.report, print_table=not args.quiet)

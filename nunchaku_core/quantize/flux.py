@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from ..models import flux
-from .calibration import Calibration, fingerprint, load_calibration
+from .calibration import Calibration, load_calibration
 from ..models.flux_source import FluxSource, open_flux_source
 from ..formats.nunchaku import default_quantization_config, natural_key, pack_nunchaku_state_dict
 from ..formats.safetensors_stream import write_all
@@ -113,11 +113,7 @@ class _Block:
     def stats(self, module: str):
         if self.calib is None:
             return None
-        s = self.calib.stats(module)
-        if s is None:
-            raise ValueError(f"{self.calib.path}: has no statistics for {module}; the recording did not reach "
-                             f"this layer (record a full sampling run)")
-        return s
+        return self.calib.stats_for(module, self.src.shape(f"{module}.weight")[1])
 
     def double(self, i: int) -> None:
         p, b_ = f"{flux.DOUBLE_PREFIX}.{i}", f"double_blocks.{i}"
@@ -186,7 +182,9 @@ def quantize_flux(src_path, out_path, *, options: Optional[QuantizeOptions] = No
     calib = None
     if calib_path is not None:
         calib = load_calibration(calib_path)
-        calib.check_model(src.model_config, fingerprint(src.read), str(src_path))
+        calib.check_source(lambda k: src.read(k) if src.has(k) else None,
+                           lambda n: src.shape(f"{n}.weight") if src.has(f"{n}.weight") else None,
+                           str(src_path), src.model_config)
     if report_path is None and o.report:
         report_path = out_path.with_name(out_path.name.rsplit(".safetensors", 1)[0] + ".quality.json")
 

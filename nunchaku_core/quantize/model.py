@@ -3,8 +3,9 @@
 at a time.
 
 Which Linear becomes what comes from the per-family policy table (models/policies.py; a family without an
-entry gets the stated default rule). Every W4A4 Linear goes through quantize.quantize_svdquant (data-free:
-synthetic activations, no calibration yet on this path), every W4A16 one through quantize.quantize_w4a16, and
+entry gets the stated default rule). Every W4A4 Linear goes through svdquant.quantize_svdquant (data-free on
+synthetic activations, or on the inputs a calibration file recorded in a real sampling run: smoothing searched on
+them, optionally GPTQ), every W4A16 one through svdquant.quantize_w4a16, and
 is converted to its comfy-native tensors at once, so peak memory is the output plus one layer's fp32 working
 set. Everything else is copied as stored. The output keeps the input's key names (a `model.diffusion_model.`
 prefix is dropped), so ComfyUI's own detection recognises the model from the dense shapes of its layers.
@@ -27,6 +28,7 @@ from ..formats.nunchaku import natural_key
 from ..formats.safetensors_stream import write_all
 from ..models import policies
 from .svdquant import quantize_svdquant, quantize_w4a16
+from .calibration import load_calibration
 from .flux import Progress, QuantizeOptions, QuantizeResult, check_output_path, format_table, write_report
 
 QUANTIZER_NAME = "nunchaku_core.quantize.model"
@@ -71,16 +73,17 @@ def plan_file(src_path, family: Optional[str] = None) -> tuple[policies.Plan, Sa
 
 
 def quantize_model(src_path, out_path, *, options: Optional[QuantizeOptions] = None, family: Optional[str] = None,
-                   progress: Optional[Progress] = None, report_path=None, print_table: bool = False
-                   ) -> QuantizeResult:
+                   calib_path=None, progress: Optional[Progress] = None, report_path=None,
+                   print_table: bool = False) -> QuantizeResult:
     """Quantize the model at src_path into a comfy-native SVDQuant file at out_path (module docstring).
+    calib_path: a calibration file recorded on this model (quantize/calibration.py), or None for data-free.
     report_path defaults to `<out>.quality.json` when options.report; it also lists every kept Linear and why."""
     o = options or QuantizeOptions()
     if o.precision != "int4":
         raise ValueError(f"precision {o.precision!r}: ComfyUI's svdquant_w4a4 layout is INT4 only (NVFP4: FLUX.1 "
                          f"into Nunchaku's format, `quantize --format nunchaku`)")
-    if o.gptq:
-        raise ValueError("GPTQ needs calibration, which the any-family path does not record yet; drop --gptq")
+    if o.gptq and calib_path is None:
+        raise ValueError("GPTQ needs calibration activations (--calib FILE); data-free mode is RTN only")
     if o.rank < 0:
         raise ValueError(f"rank {o.rank} must be >= 0")
     src_path, out_path = Path(src_path), Path(out_path)
@@ -92,6 +95,12 @@ def quantize_model(src_path, out_path, *, options: Optional[QuantizeOptions] = N
         raise ModelSourceError(f"{src_path}: the {plan.family} policy quantizes none of its {len(plan.decisions)} "
                                f"Linears (K must be a multiple of {policies.GROUP}); nothing to do")
     by_model_key = {mk: fk for fk, mk in keys.items()}
+    calib = None
+    if calib_path is not None:
+        calib = load_calibration(calib_path)
+        calib.check_source(lambda k: src.read(by_model_key[k]) if k in by_model_key else None,
+                           lambda n: src.shape(by_model_key[f"{n}.weight"]) if f"{n}.weight" in by_model_key else None,
+                           str(src_path))
     total, done = len(w4a4) + len(w4a16) + 1, [0]
 
     def tick(what: str) -> None:
@@ -112,8 +121,10 @@ def quantize_model(src_path, out_path, *, options: Optional[QuantizeOptions] = N
         t0 = time.perf_counter()
         if name in w4a4:
             d = plan.decisions[name]
+            stats = None if calib is None else calib.stats_for(name, w.shape[1])
             layer, rep = quantize_svdquant(w, b, precision="int4", rank=min(o.rank, *w.shape), shifted=d.shifted,
-                                           alphas=o.alphas, dtype=o.dtype, ablation=o.report)
+                                           stats=stats, gptq=o.gptq, alphas=o.alphas, dtype=o.dtype,
+                                           ablation=o.report)
             tensors = svdquant_to_comfy(layer)
             rows.append({"layer": name, "type": "w4a4", "N": layer.N, "K": layer.K, "shifted": d.shifted,
                          "alpha": rep.alpha, "seconds": round(time.perf_counter() - t0, 3),
@@ -128,7 +139,8 @@ def quantize_model(src_path, out_path, *, options: Optional[QuantizeOptions] = N
             out[mk] = read(mk).contiguous()
 
     info = {"quantizer": QUANTIZER_NAME, "version": QUANTIZER_VERSION, "source": src_path.name,
-            "family": plan.family, "precision": o.precision, "rank": o.rank, "calibration": None,
+            "family": plan.family, "precision": o.precision, "rank": o.rank,
+            "calibration": None if calib is None else calib.path.name, "gptq": o.gptq,
             "layers": {"w4a4": len(w4a4), "w4a16": len(w4a16), "kept": len(plan.of("keep"))}}
     metadata = {"svdquant_quantizer": json.dumps(info)}
     write_all(out_path, out, metadata, order=natural_key)

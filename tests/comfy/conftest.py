@@ -39,8 +39,8 @@ PACK_NAME = "ComfyUI-SVDQuant"
 TEST_NODE_NAME = "svdq_tiny_flux_test"
 START_TIMEOUT = 180.0
 # models/ folders the server sees in the per-session dir (the pack's nodes read diffusion_models,
-# text_encoders, loras; the graphs use vae_approx for TAEF1)
-MODEL_DIRS = ("diffusion_models", "vae_approx", "vae", "text_encoders", "clip", "loras")
+# text_encoders, loras, svdquant_calibration; the graphs use vae_approx for TAEF1)
+MODEL_DIRS = ("diffusion_models", "vae_approx", "vae", "text_encoders", "clip", "loras", "svdquant_calibration")
 
 
 class ComfyClient:
