@@ -1,15 +1,18 @@
 """Rounding bounds of the kernels against nunchaku_core.reference on the same quantized inputs, shared by the tests
-and bench/gpu_check.py (so a GPU run checks exactly what the CPU tests check). Plain torch, no extension needed.
+and bench/gpu_check.py (so a GPU run checks exactly what the CPU tests check), and the SQNR case every kernel's test
+runs against the unquantized layer (sqnr_case). Plain torch, no extension needed.
 
 Every bound is per output element, in float64, and derived next to its formula; γ_n is Higham's
 |fl(Σ of n terms, any order) − Σ| ≤ γ_{n−1}·Σ|terms|.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nunchaku_core import reference
-from nunchaku_core.layer import SVDQuantLayer, W4A16Layer
+from nunchaku_core.layer import SIGMA, SVDQuantLayer, W4A16Layer
 
 U = 2.0 ** -24  # unit roundoff of fp32
 
@@ -108,3 +111,61 @@ def w4a16_lowp_bound(layer: W4A16Layer, x: torch.Tensor, y32: torch.Tensor, dtyp
     bias = layer.bias.double().abs() if layer.bias is not None else 0
     e = u16 * S + g2 * (1 + u16) * S + g1 * S + (g2 + g1) * bias
     return e + u16 * (2 * y32.double().abs() + e)
+
+
+# ---- the SQNR case: a kernel against the unquantized layer -------------------------------------------------------
+# 4-bit symmetric absmax quantization of Gaussian data per 64 (int4: step ≈ 2.5σ/7, noise step²/12 ≈ 0.01σ²,
+# ≈ 20 dB per operand) or per 16 with e2m1 (similar), weights and activations independent: ≈ 16-17 dB on the output.
+# The floor is SQNR_FLOOR_DB; and a kernel must be within SQNR_REF_DB of the reference forward, which quantizes
+# identically (a kernel bug large enough to hide in the quantization noise would show there).
+SQNR_CASES = [("int4", False), ("int4", True), ("nvfp4", False)]
+SQNR_FLOOR_DB, SQNR_REF_DB = 13.0, 0.05
+
+
+def sqnr_db(y: torch.Tensor, y_true: torch.Tensor) -> float:
+    return 10 * math.log10(y_true.double().pow(2).sum().item() / (y.double() - y_true.double()).pow(2).sum().item())
+
+
+def quantized_from_float(W: torch.Tensor, b: torch.Tensor, precision: str, R: int, shifted: bool) -> SVDQuantLayer:
+    """A small SVDQuant quantizer: rank-R SVD branch, the residual times smooth in 4 bits (absmax per group)."""
+    N, K = W.shape
+    g = torch.Generator().manual_seed(5)
+    smooth = (torch.rand(K, generator=g) + 0.5).bfloat16()
+    Uf, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    up, down = (Uf[:, :R] * S[:R]).bfloat16(), Vh[:R].T.contiguous().bfloat16()
+    res = (W - up.float() @ down.float().T) * smooth.float()[None, :]        # Deq target: res·s
+    G = 64 if precision == "int4" else 16
+    rg = res.reshape(N, K // G, G)
+    if precision == "int4":
+        wscales = (rg.abs().amax(-1) / 7).bfloat16()
+        codes = torch.round(rg / wscales.float()[..., None]).clamp(-8, 7).to(torch.int8).reshape(N, K)
+        layer = SVDQuantLayer("int4", codes, wscales, smooth, down, up, bias=b.bfloat16(), shifted=shifted)
+    else:
+        wscales = (rg.abs().amax(-1) / 6).to(torch.float8_e4m3fn)
+        codes = reference.e2m1_round(rg / wscales.float()[..., None]).reshape(N, K)
+        layer = SVDQuantLayer("nvfp4", codes, wscales, smooth, down, up, bias=b.bfloat16(),
+                              wcscales=torch.ones(N).bfloat16())
+    if shifted:  # the stored bias compensates the σ shift (FORMAT.md §1)
+        comp = SIGMA * (reference.dequantize_weight(layer) / smooth.float()[None, :]).sum(1)
+        layer.bias = (b - comp).bfloat16()
+    return layer.validate()
+
+
+def sqnr_case(precision: str, shifted: bool):
+    """(layer, x [64, 256], y_true = x·Wᵀ + b) for one of SQNR_CASES: Gaussian W [96, 256] and x, rank 16."""
+    M, N, K, R = 64, 96, 256, 16
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(N, K, generator=g) / math.sqrt(K)
+    b = torch.randn(N, generator=g) * 0.1
+    layer = quantized_from_float(W, b, precision, R, shifted)
+    x = torch.randn(M, K, generator=g)
+    if shifted:
+        x = torch.nn.functional.gelu(x)
+    return layer, x, x @ W.T + b
+
+
+def check_sqnr(y: torch.Tensor, layer: SVDQuantLayer, x: torch.Tensor, y_true: torch.Tensor) -> None:
+    """A kernel's output y on sqnr_case's inputs: at least SQNR_FLOOR_DB, within SQNR_REF_DB of the reference's."""
+    s_kernel, s_ref = sqnr_db(y, y_true), sqnr_db(reference.svdquant_linear(x, layer), y_true)
+    assert s_kernel >= SQNR_FLOOR_DB, f"{s_kernel:.2f} dB < {SQNR_FLOOR_DB} dB"
+    assert abs(s_kernel - s_ref) <= SQNR_REF_DB, f"kernel {s_kernel:.3f} dB, reference {s_ref:.3f} dB"

@@ -19,9 +19,10 @@ import math
 import pytest
 import torch
 
+from kernel_bounds import SQNR_CASES, check_sqnr, sqnr_case, sqnr_db
 from nunchaku_core import backend, reference
 from nunchaku_core.kernels import cpu_packing
-from nunchaku_core.layer import SIGMA, SVDQuantLayer, W4A16Layer
+from nunchaku_core.layer import SVDQuantLayer, W4A16Layer
 
 _C = backend._C
 if _C is None:
@@ -376,55 +377,19 @@ def test_int4_gemm_paths_on_handmade_codes():
 # (c) against the unquantized layer
 # ---------------------------------------------------------------------------------------------------------------
 
-def sqnr_db(y: torch.Tensor, y_true: torch.Tensor) -> float:
-    return 10 * math.log10(y_true.double().pow(2).sum().item() / (y.double() - y_true.double()).pow(2).sum().item())
 
 
-def quantized_from_float(W: torch.Tensor, b: torch.Tensor, precision: str, R: int, shifted: bool) -> SVDQuantLayer:
-    """A small SVDQuant quantizer for the SQNR test: rank-R SVD branch, residual times smooth in 4 bits."""
-    N, K = W.shape
-    g = torch.Generator().manual_seed(5)
-    smooth = (torch.rand(K, generator=g) + 0.5).bfloat16()
-    Uf, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    up, down = (Uf[:, :R] * S[:R]).bfloat16(), Vh[:R].T.contiguous().bfloat16()
-    res = (W - up.float() @ down.float().T) * smooth.float()[None, :]        # Deq target: res·s
-    G = 64 if precision == "int4" else 16
-    rg = res.reshape(N, K // G, G)
-    if precision == "int4":
-        wscales = (rg.abs().amax(-1) / 7).bfloat16()
-        codes = torch.round(rg / wscales.float()[..., None]).clamp(-8, 7).to(torch.int8).reshape(N, K)
-        layer = SVDQuantLayer("int4", codes, wscales, smooth, down, up, bias=b.bfloat16(), shifted=shifted)
-    else:
-        wscales = (rg.abs().amax(-1) / 6).to(torch.float8_e4m3fn)
-        codes = reference.e2m1_round(rg / wscales.float()[..., None]).reshape(N, K)
-        layer = SVDQuantLayer("nvfp4", codes, wscales, smooth, down, up, bias=b.bfloat16(),
-                              wcscales=torch.ones(N).bfloat16())
-    if shifted:  # the stored bias compensates the σ shift (FORMAT.md §1)
-        comp = SIGMA * (reference.dequantize_weight(layer) / smooth.float()[None, :]).sum(1)
-        layer.bias = (b - comp).bfloat16()
-    return layer.validate()
 
 
-@pytest.mark.parametrize("precision,shifted", [("int4", False), ("int4", True), ("nvfp4", False)])
+
+
+@pytest.mark.parametrize("precision,shifted", SQNR_CASES)
 def test_w4a4_sqnr_against_unquantized(isa, precision, shifted):
-    """4-bit symmetric absmax quantization of Gaussian data per 64 (int4: step ≈ 2.5σ/7, noise step²/12 ≈ 0.01σ²,
-    ≈ 20 dB per operand) or per 16 with e2m1 (similar), weights and activations independent: ≈ 16-17 dB on the
-    output. The floor is 13 dB; and the kernel must be within 0.05 dB of the reference forward, which quantizes
-    identically (a kernel bug large enough to hide in the quantization noise would show there)."""
-    M, N, K, R = 64, 96, 256, 16
-    g = torch.Generator().manual_seed(6)
-    W = torch.randn(N, K, generator=g) / math.sqrt(K)
-    b = torch.randn(N, generator=g) * 0.1
-    layer = quantized_from_float(W, b, precision, R, shifted)
-    x = torch.randn(M, K, generator=g)
-    if shifted:
-        x = torch.nn.functional.gelu(x)
-    y_true = x @ W.T + b
+    """Against the unquantized layer (kernel_bounds.sqnr_case: ≈ 16-17 dB expected, floor 13 dB, within 0.05 dB of
+    the reference forward, derivation there)."""
+    layer, x, y_true = sqnr_case(precision, shifted)
     p = cpu_packing.pack_w4a4(layer)
-    y = gemm(quantize(x, p, isa), p, torch.float32, isa)
-    s_kernel, s_ref = sqnr_db(y, y_true), sqnr_db(reference.svdquant_linear(x, layer), y_true)
-    assert s_kernel >= 13.0
-    assert abs(s_kernel - s_ref) <= 0.05
+    check_sqnr(gemm(quantize(x, p, isa), p, torch.float32, isa), layer, x, y_true)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 
 import pytest
 import torch
 
-from kernel_bounds import tiled_w4a4_bound, w4a16_bound
+from kernel_bounds import SQNR_CASES, check_sqnr, sqnr_case, tiled_w4a4_bound, w4a16_bound
 from nunchaku_core import reference
 from nunchaku_core.kernels import tiled
 from nunchaku_core.layer import SVDQuantLayer
-from test_cpu_kernels import (W4A4_CASES, W4A16_CASES, quantized_from_float, random_input, random_layer,
-                              random_w4a16, sqnr_db)
+from test_cpu_kernels import W4A4_CASES, W4A16_CASES, random_input, random_layer, random_w4a16
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SMALL_BUDGET = 256  # bytes, below the tile minimum: 1 row quantized at a time, 8 weight rows x 2 output rows per tile
@@ -72,22 +70,12 @@ def test_svdquant_matches_reference_within_bound(case, dtype, budget):
     assert torch.all(err <= bound), f"max excess {(err - bound).max().item()}"
 
 
-@pytest.mark.parametrize("precision,shifted", [("int4", False), ("int4", True), ("nvfp4", False)])
+@pytest.mark.parametrize("precision,shifted", SQNR_CASES)
 def test_svdquant_sqnr_against_unquantized(precision, shifted):
-    """(c) loosely, as test_cpu_kernels.test_w4a4_sqnr_against_unquantized (same construction, its derivation of
-    the ≈ 16-17 dB): floor 13 dB, and within 0.05 dB of the reference forward, which quantizes identically."""
-    M, N, K, R = 64, 96, 256, 16
-    g = torch.Generator().manual_seed(6)
-    W = torch.randn(N, K, generator=g) / math.sqrt(K)
-    b = torch.randn(N, generator=g) * 0.1
-    layer = quantized_from_float(W, b, precision, R, shifted)
-    x = torch.randn(M, K, generator=g)
-    if shifted:
-        x = torch.nn.functional.gelu(x)
-    y_true = x @ W.T + b
-    s_tiled = sqnr_db(tiled.svdquant_linear(x, layer, budget=SMALL_BUDGET), y_true)
-    assert s_tiled >= 13.0
-    assert abs(s_tiled - sqnr_db(reference.svdquant_linear(x, layer), y_true)) <= 0.05
+    """(c) loosely: kernel_bounds.sqnr_case, as every kernel's test (floor 13 dB, within 0.05 dB of the reference
+    forward, which quantizes identically)."""
+    layer, x, y_true = sqnr_case(precision, shifted)
+    check_sqnr(tiled.svdquant_linear(x, layer, budget=SMALL_BUDGET), layer, x, y_true)
 
 
 @pytest.mark.parametrize("budget", [SMALL_BUDGET, tiled.TILE_BYTES], ids=["split", "one-tile"])

@@ -35,7 +35,7 @@ import torch
 from nunchaku_core import reference
 from nunchaku_core.layer import SIGMA, SVDQuantLayer, W4A16Layer
 from nunchaku_core.packing import bytes_to_nibbles, nibbles_to_bytes
-from kernel_bounds import w4a16_lowp_bound
+from kernel_bounds import SQNR_CASES, check_sqnr, sqnr_case, sqnr_db, w4a16_lowp_bound
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise ImportError("tests/triton_interpreter_cases.py needs TRITON_INTERPRET=1 in the environment before Python "
@@ -470,50 +470,18 @@ def test_svdquant_linear_within_bound(case, dtype):
 # (c) against the unquantized layer
 # ---------------------------------------------------------------------------------------------------------------
 
-def sqnr_db(y: torch.Tensor, y_true: torch.Tensor) -> float:
-    return 10 * math.log10(y_true.double().pow(2).sum().item() / (y.double() - y_true.double()).pow(2).sum().item())
 
 
-def quantized_from_float(W: torch.Tensor, b: torch.Tensor, precision: str, R: int, shifted: bool) -> SVDQuantLayer:
-    """A small SVDQuant quantizer: rank-R SVD branch, the residual times smooth in 4 bits (absmax per group)."""
-    N, K = W.shape
-    g = torch.Generator().manual_seed(5)
-    smooth = (torch.rand(K, generator=g) + 0.5).bfloat16()
-    Uf, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    up, down = (Uf[:, :R] * S[:R]).bfloat16(), Vh[:R].T.contiguous().bfloat16()
-    res = ((W - up.float() @ down.float().T) * smooth.float()[None, :])
-    G = 64 if precision == "int4" else 16
-    rg = res.reshape(N, K // G, G)
-    if precision == "int4":
-        wscales = (rg.abs().amax(-1) / 7).bfloat16()
-        codes = torch.round(rg / wscales.float()[..., None]).clamp(-8, 7).to(torch.int8).reshape(N, K)
-        layer = SVDQuantLayer("int4", codes, wscales, smooth, down, up, bias=b.bfloat16(), shifted=shifted)
-    else:
-        wscales = (rg.abs().amax(-1) / 6).to(torch.float8_e4m3fn)
-        codes = reference.e2m1_round(rg / wscales.float()[..., None]).reshape(N, K)
-        layer = SVDQuantLayer("nvfp4", codes, wscales, smooth, down, up, bias=b.bfloat16(),
-                              wcscales=torch.ones(N).bfloat16())
-    if shifted:  # the stored bias compensates the σ shift (FORMAT.md §1)
-        layer.bias = (b - SIGMA * (reference.dequantize_weight(layer) / smooth.float()[None, :]).sum(1)).bfloat16()
-    return layer.validate()
 
 
-@pytest.mark.parametrize("precision,shifted", [("int4", False), ("int4", True), ("nvfp4", False)])
+
+
+@pytest.mark.parametrize("precision,shifted", SQNR_CASES)
 def test_svdquant_linear_sqnr_against_unquantized(precision, shifted):
-    """4-bit absmax quantization of Gaussian weights and activations: ≈ 16-17 dB on the output; floor 13 dB, and
-    within 0.05 dB of the reference forward (which quantizes identically; (b) bounds the difference far tighter)."""
-    M, N, K, R = 64, 96, 256, 16
-    g = torch.Generator().manual_seed(6)
-    W = torch.randn(N, K, generator=g) / math.sqrt(K)
-    b = torch.randn(N, generator=g) * 0.1
-    layer = quantized_from_float(W, b, precision, R, shifted)
-    x = torch.randn(M, K, generator=g)
-    if shifted:
-        x = torch.nn.functional.gelu(x)
-    y_true = x @ W.T + b
-    y = w4a4.svdquant_linear(x, w4a4.pack_w4a4(layer, "cpu"))
-    s_kernel, s_ref = sqnr_db(y, y_true), sqnr_db(reference.svdquant_linear(x, layer), y_true)
-    assert s_kernel >= 13.0 and abs(s_kernel - s_ref) <= 0.05
+    """Against the unquantized layer (kernel_bounds.sqnr_case: floor 13 dB, within 0.05 dB of the reference
+    forward, which quantizes identically; (b) bounds the difference far tighter)."""
+    layer, x, y_true = sqnr_case(precision, shifted)
+    check_sqnr(w4a4.svdquant_linear(x, w4a4.pack_w4a4(layer, "cpu")), layer, x, y_true)
 
 
 # ---------------------------------------------------------------------------------------------------------------
