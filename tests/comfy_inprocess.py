@@ -39,7 +39,7 @@ def pack_module(name: str):
 def checkpoint_module():
     """nodes/checkpoint.py (no comfy imports) loaded by path, without ComfyUI: `nodes` may name ComfyUI's
     own module in these processes. One module object per process (dataclasses look their module up by name)."""
-    name = "svdq_flux_state_dict"
+    name = "svdq_checkpoint"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, REPO / "nodes" / "checkpoint.py")
         sys.modules[name] = importlib.util.module_from_spec(spec)
