@@ -140,8 +140,9 @@ def test_bad_loras(comfy, flux3072, loras):
     """A LoRA for a wider FLUX: a clear error naming the tensor. A LoRA for SD1.5, none of whose tensors ComfyUI maps
     (stock ComfyUI would log 'lora key not loaded' per tensor and render the unchanged model): a clear error naming
     the LoRA file and the model's. The server keeps working and the model is unchanged. A Qwen-Image LoRA, whose
-    attention keys are FLUX.1's diffusers names (3072 wide in both): ComfyUI applies that part, as stock ComfyUI
-    does, and one warning line names the LoRA and how many of its tensors map onto nothing."""
+    attention keys are FLUX.1's diffusers names (3072 wide in both): where this ComfyUI's key map knows unprefixed
+    diffusers names (0.33) it applies that part, as stock ComfyUI does, and one warning line names the LoRA and how
+    many of its tensors map onto nothing; where it does not (0.3.75), none maps and it is the clear error."""
     q = graphs.svdquant_loader(flux3072["int4"])
     base = image(comfy, graph(q, 11))
     entry = comfy.run(graph(q, 11, [(loras["flux512"], 1.0)]))
@@ -159,9 +160,34 @@ def test_bad_loras(comfy, flux3072, loras):
     assert flux3072["int4"] in err["exception_message"] and "another model family" in err["exception_message"], err
     assert comfy.log().count("lora key not loaded: ") - before == 6
     assert torch.equal(image(comfy, graph(q, 11)), base)
+    # Whether the Qwen-Image LoRA's attention part maps is this ComfyUI's key map's answer: 0.33 maps FLUX.1's
+    # unprefixed diffusers names (DiffSynth's format), 0.3.75 does not. Asked of that key map, on the meta device.
+    mapped = _flux_lora_modules_mapped(flux3072["paths"]["bfl"], lora_files.qwen_image_lora())
     log_start = len(comfy.log())
-    qwen = image(comfy, graph(q, 11, [(loras["qwen_image"], 1.0)]))
-    warned = [line for line in comfy.log()[log_start:].splitlines() if "SVDQuant: LoRA" in line]
-    assert len(warned) == 1 and loras["qwen_image"] in warned[0] and "4 of its 20 tensors map onto no layer" in warned[0], warned
-    assert not torch.equal(qwen, base)
+    if mapped == 0:
+        entry = comfy.run(graph(q, 11, [(loras["qwen_image"], 1.0)]))
+        err = comfy.error(entry)
+        assert err["exception_type"].endswith("LoRAError"), err
+        assert f"{loras['qwen_image']}: none of its 20 tensors" in err["exception_message"], err
+        assert torch.equal(image(comfy, graph(q, 11)), base)
+    else:
+        qwen = image(comfy, graph(q, 11, [(loras["qwen_image"], 1.0)]))
+        warned = [line for line in comfy.log()[log_start:].splitlines() if "SVDQuant: LoRA" in line]
+        assert len(warned) == 1 and loras["qwen_image"] in warned[0] and \
+            f"{20 - 2 * mapped} of its 20 tensors map onto no layer" in warned[0], warned
+        assert not torch.equal(qwen, base)
     comfy.free()
+
+
+def _flux_lora_modules_mapped(bfl_path, lora: dict) -> int:
+    """How many of the LoRA's modules (PEFT lora_A/lora_B pairs) this host's ComfyUI maps onto the FLUX.1 in
+    bfl_path: comfy.lora.model_lora_keys_unet on ComfyUI's own Flux built from the file's shapes (meta device)."""
+    from safetensors import safe_open
+    from test_family_models import _build_on_meta, _comfy
+    _comfy()
+    import comfy.lora
+    with safe_open(str(bfl_path), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    _, model = _build_on_meta(shapes)
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    return sum(k[:-len(".lora_A.weight")] in key_map for k in lora if k.endswith(".lora_A.weight"))
