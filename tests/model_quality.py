@@ -14,7 +14,8 @@ quantized Linear Q (its own kernels) has the relative output error e = ‖Q(x) �
 into the weights' part e_w (x·W_effᵀ + b_eff − y, W_eff and b_eff what the 4-bit layer computes with exact
 activations, nunchaku_core/reference.py) and the activations' part e_a (Q(x) − x·W_effᵀ − b_eff). Each part
 becomes weight noise of std σ = e·‖y‖ / (√N·‖x‖), because i.i.d. noise E of std σ gives E‖x·Eᵀ‖² = σ²·N·‖x‖²:
-the weights' part drawn once per draw, the activations' part drawn again at every call (NullModel says why).
+the weights' part drawn once per draw, the activations' part drawn again for every distinct input row, the
+same for a row seen again (NullModel and ActivationNoise say why).
 Over a few draws the null's SNR has mean μ and sample std s; a quantized model whose errors are no more harmful
 than independent noise of the same size per layer scores ≥ μ − 3s.
 
@@ -230,15 +231,38 @@ class NoisyWeight:
         return ((x2 @ self.Q) @ self.G.T).reshape(*shape[:-1], self.G.shape[0])
 
 
+class ActivationNoise:
+    """The activations' part of one Linear's error in one draw: for each distinct input row, N(0, (σ_a·‖x‖)²)
+    per output, drawn the first time the row is seen and the same whenever that exact row comes again. The
+    4-bit activation quantizer is a function of the row: equal rows get equal codes and equal errors (Z-Image's
+    pad tokens, up to half its sequence here, are one row repeated; a layer whose input a LoRA does not change
+    sees the same rows with and without it), while rows that differ by more than a fraction of a rounding step
+    get errors that are, to a good approximation, independent."""
+
+    def __init__(self, N: int, sigma: float, generator: torch.Generator):
+        self.N, self.sigma, self.g = N, sigma, generator
+        self.seen: dict = {}                                             # row bytes -> noise [N]
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for row in x2:                                                   # x2: [M, K] fp32
+            key = row.numpy().tobytes()
+            if key not in self.seen:
+                self.seen[key] = torch.randn(self.N, generator=self.g) * (self.sigma * row.norm())
+            rows.append(self.seen[key])
+        return torch.stack(rows)                                         # [M, N]
+
+
 class NullModel:
     """The unquantized model with every quantized Linear's error replaced by Gaussian noise of the same size,
     through forward hooks on the named Linears. Per layer, the weights' part is a fixed weight noise drawn once
-    per draw (NoisyWeight); the activations' part is redrawn at every call, as the output noise of a weight noise
-    with std sigma_a: rounding 4-bit activations gives errors that change whenever the activations move by
-    more than a fraction of a step, so a forward with a LoRA does not see the same activation error as one
-    without (a fixed weight noise for the whole error would make their difference far too clean: module
-    docstring of tests/comfy/test_family_quantized.py). `draw(seed, scale)` makes a draw (stds times scale);
-    `run(draw, fn)` calls fn with the draw applied to every forward inside."""
+    per draw (NoisyWeight); the activations' part is output noise of std sigma_a·‖x‖ per row, drawn anew for
+    every distinct input row (ActivationNoise): rounding 4-bit activations gives errors that change whenever
+    the activations move by more than a fraction of a step, so a forward with a LoRA does not see the same
+    activation error as one without (a fixed weight noise for the whole error would make their difference far
+    too clean: module docstring of tests/comfy/test_family_quantized.py), but an unchanged row keeps its error.
+    `draw(seed, scale)` makes a draw (stds times scale); `run(draw, fn)` calls fn with the draw applied to every
+    forward inside."""
 
     def __init__(self, patcher, errors: list[LayerError]):
         self.modules = dict(patcher.model.named_modules())
@@ -246,13 +270,13 @@ class NullModel:
 
     def draw(self, seed: int, scale: float = 1.0) -> dict:
         g = torch.Generator().manual_seed(seed)
-        return {le.name: (NoisyWeight(le.N, le.K, le.sigma_w * scale, g), le.sigma_a * scale, g) for le in self.errors}
+        return {le.name: (NoisyWeight(le.N, le.K, le.sigma_w * scale, g), ActivationNoise(le.N, le.sigma_a * scale, g))
+                for le in self.errors}
 
     @staticmethod
-    def _noisy(o: torch.Tensor, x: torch.Tensor, weight: "NoisyWeight", sigma_a: float, g) -> torch.Tensor:
+    def _noisy(o: torch.Tensor, x: torch.Tensor, weight: "NoisyWeight", act: ActivationNoise) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float()                          # x2: [M, K]
-        act = torch.randn(x2.shape[0], o.shape[-1], generator=g) * (sigma_a * x2.norm(dim=1, keepdim=True))
-        return o + (weight(x) + act.reshape(o.shape)).to(o.dtype)
+        return o + (weight(x) + act(x2).reshape(o.shape)).to(o.dtype)
 
     def run(self, draw: dict, fn: Callable):
         hooks = [self.modules[n].register_forward_hook(lambda m, a, o, d=d: self._noisy(o, a[0], *d))
