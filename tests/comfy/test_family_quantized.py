@@ -50,6 +50,7 @@ the unquantized model's, null μ ± s over 4 draws, threshold μ − 3s, 64x64-i
   FLUX.2 1024    30.19  30.43 ± 0.39  29.26   24.83    19.64       0.33
   FLUX.1 3072    11.43  11.70 ± 0.17  11.18    5.74     5.75       0.33
   FLUX.2 6144     6.70   6.92 ± 0.09   6.67    1.87    -0.59       0.3.75 (int4 above the threshold by 0.03 dB)
+  (0.3.75 Qwen-Image, Z-Image and FLUX.1: the same numbers to 0.01 dB, but 2x noise 5.82 and Δ 2x -1.42 for FLUX.1)
   with the LoRA  int4  null μ ± s    thr     half strength | Δ: int4  null μ ± s   thr    2x noise
   Qwen-Image     15.86  15.54 ± 0.21  14.91   14.01         |   5.70   4.79 ± 0.21  4.17   -0.92
   Z-Image        16.59  16.80 ± 0.19  16.22   15.28         |   3.21   2.86 ± 0.27  2.04   -2.52
@@ -62,6 +63,8 @@ the test), FLUX.1 ~3 min with its cached files (test_loader's flux3072 fixture);
 its cached files (render 2.4 min, LoRA join 1.4 min, output 12 min of which 10 in measure(), LoRA'd output
 8.4 min) at 18.5 GB peak RSS: too slow and too big for CI as it stands (not profiled; the in-process checks hold
 the bf16 reference, 4.4 GB, ComfyUI's backup of every LoRA-patched weight and the quantized model at once).
+With the load average falling to ~1 (0.3.75): Z-Image's four tests 1.8 min (6.3 GB peak RSS), Qwen-Image's four and
+FLUX.1's 4.6 min together (4.5 GB).
 Broken layer: one W4A4 Linear with its two 4-bit codes per byte exchanged (a packer with the wrong nibble order).
 Not every Linear shows in the output: the last block's text-stream outputs (Qwen-Image's to_add_out, txt_mlp) are
 discarded by the model, so a broken one there is invisible (measured on the WIP before the layout change); a
