@@ -7,8 +7,8 @@ both test hosts (0.3.75 and 0.33.0), plus the Linear layers of each family and t
 tests/flux_models.py); `LINEAR_ROLES[family]` lists every Linear as (pattern, role, what feeds it) for the
 per-family quantization policy, and `linear_layers(family, shapes)` applies it (each 2-D weight matched by exactly
 one pattern). Decoders for the graphs: `write_taesd` (any latent channel count) and `write_taehv`.
-Only torch + safetensors. Every Linear's K here is a multiple of 64 (one int4 group), the free widths (text,
-pooled, FFN) included.
+Only torch, safetensors and nunchaku_core's streaming writer. Every Linear's K here is a multiple of 64 (one int4
+group), the free widths (text, pooled, FFN) included.
 
 Forced sizes (a value ComfyUI hard-codes in detection or in the model's defaults, not read from the weights)
 are named at each family with their source lines as "0.3.75:<line> / 0.33:<line>" of comfy/model_detection.py
@@ -17,12 +17,16 @@ in bf16, 1 in fp8, plus a header of a few kB).
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
+
+from nunchaku_core.formats.safetensors_stream import StreamingSafetensorsWriter
 
 # family name -> (ComfyUI supported-model class the detection must pick, model_base class the MODEL wraps)
 SUPPORTED_MODEL = {
@@ -465,6 +469,36 @@ def write_random_model(family: str, path: Path, seed: int = 0, dtype=torch.bfloa
     sd = random_state_dict(shapes, std, seed, dtype)
     save_file(sd, str(path), metadata={"test_model": f"random {family}, ComfyUI names, dims {dims or 'default'}"})
     return path
+
+
+def write_random_model_fp8(family: str, fp8_path: Path, bf16_path: Optional[Path] = None, seed: int = 0,
+                           std: float = 0.02, **dims) -> None:
+    """A random model (as random_state_dict) whose every value is a float8_e4m3fn, one tensor at a time (peak
+    memory one tensor: FLUX.2 at 0.3.75's forced width is 2.2 G parameters). fp8_path stores it in float8_e4m3fn:
+    ComfyUI's UNETLoader with weight_dtype fp8_e4m3fn loads exactly these values (casting an fp8 value to fp8 is
+    the identity). bf16_path, when given, stores the same values widened to bf16, exactly: what the quantizer
+    reads (it takes 16- and 32-bit floats). So the quantized model and the stock-loaded reference come from
+    one set of weights, at 1 byte per parameter in the server."""
+    shapes = family_shapes(family, **dims)
+    meta = {"test_model": f"random {family}, ComfyUI names, dims {dims or 'default'}, values in float8_e4m3fn"}
+    g = torch.Generator().manual_seed(seed)
+    writers = [StreamingSafetensorsWriter(str(fp8_path), [(k, torch.float8_e4m3fn, s) for k, s in shapes.items()], meta)]
+    if bf16_path is not None:
+        writers.append(StreamingSafetensorsWriter(str(bf16_path), [(k, torch.bfloat16, s) for k, s in shapes.items()],
+                                                  meta))
+    with contextlib.ExitStack() as stack:
+        for w in writers:
+            stack.enter_context(w)
+        for key, shape in shapes.items():
+            if key.endswith(".bias"):
+                t = torch.zeros(shape, dtype=torch.float8_e4m3fn)
+            elif _is_norm_scale(key, shape):
+                t = torch.ones(shape, dtype=torch.float8_e4m3fn)
+            else:
+                t = torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, std, generator=g).to(torch.float8_e4m3fn)
+            writers[0].write(key, t)
+            if bf16_path is not None:
+                writers[1].write(key, t.to(torch.bfloat16))
 
 
 def param_count(shapes: dict) -> int:

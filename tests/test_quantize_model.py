@@ -78,6 +78,26 @@ def test_quantize_any_family_to_comfy_native(source, tmp_path):
     assert {r["layer"] for r in report["layers"]} == set(plan.of("w4a4"))
 
 
+@pytest.mark.parametrize("variant,alphas", [("naive", (1.0,)), ("smoothing only", None)])
+def test_rank_0_variants_round_trip(source, tmp_path, variant, alphas):
+    """The ablation variants bench/bench_family_quality.py writes, in QuantizeOptions: rank 0 (no low-rank branch)
+    with alphas (1.0,) (s = 1: naive W4A4) or the default α grid (smoothing only). Read back by the loader's reader
+    with an empty low-rank branch; the residual is the whole weight, so the error is plain 4-bit RTN's."""
+    out = tmp_path / "q.safetensors"
+    quantize_model(source, out, options=QuantizeOptions(rank=0, alphas=alphas, report=False))
+    ck = ComfyNativeCheckpoint(str(out))
+    src = fm.random_state_dict(SHAPES, std=0.02, seed=1)
+    plan, _, _ = plan_file(source)
+    for name in plan.of("w4a4"):
+        layer = ck.layer(name)
+        assert layer.proj_down.shape[1] == 0 and layer.proj_up.shape[1] == 0, name
+        if variant == "naive":
+            assert bool((layer.smooth.float() == 1).all()), f"{name}: naive W4A4 has a smoothing vector"
+        w = src[f"{name}.weight"].float()
+        err = (reference.effective_weight(layer) - w).norm() / w.norm()
+        assert err < 0.25, f"{name}: relative weight error {err:.3f}"      # INT4 RTN on N(0, 0.02): ~0.1
+
+
 def test_checkpoint_prefix_is_dropped(tmp_path):
     sd = {f"model.diffusion_model.{k}": v for k, v in fm.random_state_dict(SHAPES, std=0.02, seed=2).items()}
     sd["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4, 4, 3, 3)   # a VAE tensor: not ours to copy
