@@ -78,6 +78,9 @@ cached across sessions like the FLUX-width models (flux2_6144; building them too
 this loaded machine); the server renders the unquantized reference from the fp8 file with UNETLoader's weight_dtype
 fp8_e4m3fn, which holds exactly the values the quantizer read (from a bf16 copy, deleted after quantizing), and the
 in-process checks load it in bf16 (exact: every fp8 value is a bf16 value), as the other families.
+That case runs only with SVDQ_BIG_FLUX2=1 (25 min and 18.5 GB peak RSS, above: too much for CI, and its int4
+output passed by 0.03 dB, a margin that says the null model is not yet right for it); without it the FLUX.2
+cases skip on 0.3.75, saying so.
 """
 from __future__ import annotations
 
@@ -180,6 +183,11 @@ def family_files(request, comfy_models):
     once for all of this module's tests of the family (pytest runs them family by family) and deleted after them."""
     family = request.param
     dims = _dims(family)
+    if dims is BIG_FLUX2 and os.environ.get("SVDQ_BIG_FLUX2") != "1":
+        pytest.skip("this ComfyUI's FLUX.2 detection fixes 48 heads, so its smallest FLUX.2 is hidden 6144 (2.2 G "
+                    "parameters): 25 min and 18.5 GB peak RSS for these tests on 2 cores (measured 2026-12-07, "
+                    "module docstring), too much for CI; SVDQ_BIG_FLUX2=1 runs them (4 passed then, int4 output "
+                    "0.03 dB above its threshold). FLUX.2 runs in full on hosts with a free width (0.33)")
     src = comfy_models / "diffusion_models" / f"fq_{family}.safetensors"
     q = comfy_models / "diffusion_models" / f"fq_{family}_int4.safetensors"
     try:
