@@ -77,7 +77,7 @@ ensure_triton()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernel_bounds import tiled_w4a4_bound, w4a4_bound, w4a16_bound, w4a16_lowp_bound  # noqa: E402
+from kernel_bounds import random_input, tiled_w4a4_bound, w4a4_bound, w4a16_bound, w4a16_lowp_bound  # noqa: E402
 from nunchaku_core import backend, reference  # noqa: E402
 from nunchaku_core.layer import W4A16Layer  # noqa: E402
 from nunchaku_core.linear import SVDQuantLinear, W4A16Linear  # noqa: E402
@@ -95,16 +95,6 @@ def skip(what: str, why: str) -> None:
 
 # ---- (a) correctness ------------------------------------------------------------------------------------------
 
-def random_input(M: int, K: int, shifted: bool, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
-    """Gaussian rows (GELU'd for shifted layers) plus an all-zero row and a row of exact halves (rounding ties)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g) * 2
-    if shifted:
-        x = F.gelu(x)
-    if M >= 3:
-        x[1] = 0.0
-        x[2] = torch.randint(-16, 17, (K,), generator=g) * 0.5
-    return x.to(dtype)
 
 
 def to(layer, device):

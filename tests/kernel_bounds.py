@@ -113,6 +113,24 @@ def w4a16_lowp_bound(layer: W4A16Layer, x: torch.Tensor, y32: torch.Tensor, dtyp
     return e + u16 * (2 * y32.double().abs() + e)
 
 
+# ---- inputs ------------------------------------------------------------------------------------------------------
+def random_input(M: int, K: int, shifted: bool, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    """x: [M, K] with the awkward rows the quantizers must get right: an all-zero row (scale 0 -> codes 0), exact
+    halves (round-half-to-even ties), tiny negatives (NVFP4 -0 codes) and huge values (NVFP4 scale clamp at 448;
+    smaller in fp16, whose outputs would overflow)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * 2
+    if shifted:
+        x = torch.nn.functional.gelu(x)
+    if M >= 3:
+        x[1] = 0.0
+        x[2] = torch.randint(-16, 17, (K,), generator=g) * 0.5
+    if M >= 17:
+        x[3] = -torch.rand(K, generator=g) * 1e-3
+        x[4] = torch.randn(K, generator=g) * (30 if dtype == torch.float16 else 1e4)
+    return x.to(dtype)
+
+
 # ---- the SQNR case: a kernel against the unquantized layer -------------------------------------------------------
 # 4-bit symmetric absmax quantization of Gaussian data per 64 (int4: step ≈ 2.5σ/7, noise step²/12 ≈ 0.01σ²,
 # ≈ 20 dB per operand) or per 16 with e2m1 (similar), weights and activations independent: ≈ 16-17 dB on the output.

@@ -28,13 +28,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
+
+from nunchaku_core.quantize.svdquant import one_thread   # small LAPACK calls on one thread (it says why)
 
 CONDITIONING = Path(__file__).parent / "comfy" / "tiny_flux_test" / "family_conditioning.py"
 # Families whose latents are video-shaped [B, C, T, H, W], and whose VAE downsamples 16x instead of 8x
@@ -181,16 +182,6 @@ def matched_errors(quantized_modules: dict, recorded: dict) -> list[LayerError]:
     return out
 
 
-@contextmanager
-def _one_thread():
-    """Small LAPACK calls on one thread: with two, each waits at a barrier for a thread the shared machine may
-    have descheduled (a [12288, 64] QR took 1.5 s instead of milliseconds; nunchaku_core/quantize/svdquant.py has the same)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 class NoisyWeight:
@@ -215,14 +206,14 @@ class NoisyWeight:
         r = r - (r @ self.Q) @ self.Q.T                                  # twice: one Gram-Schmidt pass loses orthogonality
         # the residual's row space from its [M, M] Gram matrix (M tokens << K features: far cheaper than an SVD),
         # in fp64 so that eigenvalues down to 1e-10 of the largest are resolved
-        with _one_thread():
+        with one_thread():
             lam, U = torch.linalg.eigh(r.double() @ r.double().T)
             top = torch.linalg.eigvalsh(x2.double() @ x2.double().T)[-1]
         keep = lam > 1e-10 * top                                         # singular values above 1e-5 of x's largest
         if keep.any():
             new = r.T @ (U[:, keep] / lam[keep].sqrt()).float()          # new: [K, r_new], orthonormal up to rounding
             new = new - self.Q @ (self.Q.T @ new)
-            with _one_thread():
+            with one_thread():
                 mu, V = torch.linalg.eigh((new.T @ new).double())        # symmetric re-orthonormalisation
             new = new @ ((V / mu.sqrt()) @ V.T).float()
             self.Q = torch.cat([self.Q, new], dim=1)

@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from kernel_bounds import SQNR_CASES, check_sqnr, sqnr_case, sqnr_db
+from kernel_bounds import SQNR_CASES, check_sqnr, random_input, sqnr_case, sqnr_db
 from nunchaku_core import backend, reference
 from nunchaku_core.kernels import cpu_packing
 from nunchaku_core.layer import SVDQuantLayer, W4A16Layer
@@ -74,21 +74,6 @@ def random_layer(precision: str, N: int, K: int, R: int, shifted: bool = False, 
     ).validate()
 
 
-def random_input(M: int, K: int, shifted: bool, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
-    """x: [M, K] with the awkward rows the quantizers must get right: an all-zero row (scale 0 -> codes 0), exact
-    halves (round-half-to-even ties), tiny negatives (NVFP4 -0 codes) and huge values (NVFP4 scale clamp at 448;
-    smaller in fp16, whose outputs would overflow)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g) * 2
-    if shifted:
-        x = torch.nn.functional.gelu(x)
-    if M >= 3:
-        x[1] = 0.0
-        x[2] = torch.randint(-16, 17, (K,), generator=g) * 0.5
-    if M >= 17:
-        x[3] = -torch.rand(K, generator=g) * 1e-3
-        x[4] = torch.randn(K, generator=g) * (30 if dtype == torch.float16 else 1e4)
-    return x.to(dtype)
 
 
 def quantize(x: torch.Tensor, p: cpu_packing.CpuW4A4, isa: str, return_codes: bool = True):

@@ -35,7 +35,7 @@ import torch
 from nunchaku_core import reference
 from nunchaku_core.layer import SIGMA, SVDQuantLayer, W4A16Layer
 from nunchaku_core.packing import bytes_to_nibbles, nibbles_to_bytes
-from kernel_bounds import SQNR_CASES, check_sqnr, sqnr_case, sqnr_db, w4a16_lowp_bound
+from kernel_bounds import SQNR_CASES, check_sqnr, random_input, sqnr_case, sqnr_db, w4a16_lowp_bound
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise ImportError("tests/triton_interpreter_cases.py needs TRITON_INTERPRET=1 in the environment before Python "
@@ -112,20 +112,6 @@ def random_layer(precision: str, N: int, K: int, R: int, shifted: bool = False, 
                          shifted=shifted).validate()
 
 
-def random_input(M: int, K: int, shifted: bool, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
-    """x: [M, K] with the rows the quantizers must get right: all zeros (scale 0 -> codes 0), exact halves
-    (round-half-to-even ties), tiny negatives (NVFP4 -0 codes), huge values (NVFP4 scale clamped at 448)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g) * 2
-    if shifted:
-        x = torch.nn.functional.gelu(x)
-    if M >= 3:
-        x[1] = 0.0
-        x[2] = torch.randint(-16, 17, (K,), generator=g) * 0.5
-    if M >= 17:
-        x[3] = -torch.rand(K, generator=g) * 1e-3
-        x[4] = torch.randn(K, generator=g) * (30 if dtype == torch.float16 else 1e4)
-    return x.to(dtype)
 
 
 def act_codes_bytes(codes: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,7 @@ class LayerReport:
 # ---------------------------------------------------------------------------------------------- low rank
 
 @contextmanager
-def _one_thread():
+def one_thread():
     """Run small LAPACK calls and per-column loops on one thread. With two OpenMP threads every call ends at
     a barrier that waits for the other thread, which on a shared machine may be descheduled for a whole time
     slice: a 768 x 48 QR measured 0.5 ms on one thread and 6-90 ms on two under load."""
@@ -113,7 +113,7 @@ def top_singular(w: torch.Tensor, rank: int, *, niter: int = 2, oversample: int 
         return w.new_zeros(N, 0), w.new_zeros(K, 0)
     q = min(rank + oversample, N, K)
     if exact or 2 * q >= min(N, K):
-        with _one_thread():
+        with one_thread():
             U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         root = S[:rank].sqrt()
         return U[:, :rank] * root, Vh[:rank].T * root
@@ -121,14 +121,14 @@ def top_singular(w: torch.Tensor, rank: int, *, niter: int = 2, oversample: int 
     omega = torch.randn(K, q, generator=g, dtype=w.dtype)               # omega: [K, q]
 
     def orth(a: torch.Tensor) -> torch.Tensor:
-        with _one_thread():
+        with one_thread():
             return torch.linalg.qr(a).Q
 
     Q = orth(w @ omega)                                                  # Q: [N, q]
     for _ in range(niter):
         Q = orth(w @ orth(w.T @ Q))                                      # inner: [K, q]
     B = Q.T @ w                                                          # B: [q, K] sketch
-    with _one_thread():
+    with one_thread():
         Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
     root = S[:rank].sqrt()
     return (Q @ Ub[:, :rank]) * root, Vh[:rank].T * root
@@ -340,7 +340,7 @@ def quantize_groups_gptq(w: torch.Tensor, H: torch.Tensor, precision: str, *,
         W1 = W[:, b0:b1].clone()
         E1 = torch.empty_like(W1)
         Hi = Hinv[b0:b1, b0:b1]
-        with _one_thread():
+        with one_thread():
             _gptq_block(W1, E1, Hi, codes[:, b0:b1], stored_scales, precision, G, dtype, wtscale, clip_ratios)
         W[:, b1:] -= E1 @ Hinv[b0:b1, b1:]
     return codes, torch.cat(stored_scales, dim=1), wtscale
