@@ -279,16 +279,17 @@ def test_other_family_lora_is_a_clear_error_and_changes_nothing(nodes, files, ca
 
 
 def test_other_family_lora_partly_mapped_warns(nodes, files, caplog):
-    """A Qwen-Image LoRA (its attention keys are FLUX.1's diffusers names) of the model's width: ComfyUI maps the
-    attention part and applies it, as stock ComfyUI does; one warning names how many tensors map onto nothing.
-    A LoRA that maps whole gives no such line."""
+    """A Qwen-Image LoRA (its attention keys are FLUX.1's diffusers names) of the model's width, as diffusers saves
+    it (transformer. prefix, which both hosts' FLUX.1 key maps know; 0.3.75's has no unprefixed diffusers names):
+    ComfyUI maps the attention part and applies it, as stock ComfyUI does; one warning names how many tensors map
+    onto nothing. A LoRA that maps whole gives no such line."""
     patcher = load(nodes, files, "tiny")
     caplog.set_level(logging.WARNING)
-    lora = lora_files.qwen_image_lora(hidden=TINY["hidden"])
+    lora = {f"transformer.{k}": v for k, v in lora_files.qwen_image_lora(hidden=TINY["hidden"]).items()}
     patched, _ = nodes["sd"].load_lora_for_models(patcher, None, lora, 1.0, 0)
     ours = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SVDQuant: LoRA")]
     assert len(ours) == 1, ours
-    assert ("4 of its 20 tensors map onto no layer (first: transformer_blocks.0.img_mlp.net.0.proj.lora_A.weight"
+    assert ("4 of its 20 tensors map onto no layer (first: transformer.transformer_blocks.0.img_mlp.net.0.proj.lora_A"
             in ours[0] and "ComfyUI's Flux loaded from" in ours[0]), ours
     assert {k for k in patched.patches} == {f"diffusion_model.double_blocks.0.{s}_attn.{n}.weight"
                                             for s in ("img", "txt") for n in ("qkv", "proj")}
