@@ -143,9 +143,10 @@ def test_family_policies_follow_the_linear_roles(family):
 
 # Reduced widths of the families whose ComfyUI-detectable sizes are forced (380 M / 900 M parameters): the
 # policies match key names, so the quantizer treats these as the families they are named after.
-REDUCED = {"zimage": {"ZIMAGE_DIM": 256, "ZIMAGE_FFN": 512}, "qwen_image": {"QWEN_HIDDEN": 256, "QWEN_JOINT_DIM": 256},
-           "flux2": {}}
-REDUCED_DIMS = {"flux2": {"hidden": 128, "depth_single": 1}}
+# family -> (family_models constants to reduce, write_random_model dims)
+REDUCED = {"zimage": ({"ZIMAGE_DIM": 256, "ZIMAGE_FFN": 512}, {}),
+           "qwen_image": ({"QWEN_HIDDEN": 256, "QWEN_JOINT_DIM": 256}, {}),
+           "flux2": ({}, {"hidden": 128, "depth_single": 1})}
 
 
 @pytest.mark.parametrize("family", ["zimage", "qwen_image", "flux2"])
@@ -160,11 +161,12 @@ def test_calibrated_any_family(family, tmp_path, monkeypatch):
     from nunchaku_core.quantize import svdquant
     from nunchaku_core.quantize.calibration import CalibrationError, recorder_for_module
     from test_quantize_flux import bfl_modules
-    for name, value in REDUCED[family].items():
+    constants, dims = REDUCED[family]
+    for name, value in constants.items():
         monkeypatch.setattr(fam, name, value)
     src = tmp_path / f"{family}.safetensors"
-    fam.write_random_model(family, src, seed=2, **REDUCED_DIMS.get(family, {}))
-    assert fam.param_count(fam.family_shapes(family, **REDUCED_DIMS.get(family, {}))) < 20_000_000
+    fam.write_random_model(family, src, seed=2, **dims)
+    assert fam.param_count(fam.family_shapes(family, **dims)) < 20_000_000
     with safe_open(str(src), "pt") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
 

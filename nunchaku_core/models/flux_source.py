@@ -153,22 +153,16 @@ class FluxSource:
                 missing = [p for p in parts if p not in have]
                 raise FluxSourceError(f"{self.path}: {bfl_key} needs {', '.join(parts)}, but {missing[0]} is missing")
 
-        depth = _count_blocks(have, "transformer_blocks.")
-        single = _count_blocks(have, "single_transformer_blocks.")
-        for i in range(depth):
-            d = f"transformer_blocks.{i}."
-            for bfl, parts in DIFFUSERS_DOUBLE.items():
-                for leaf in ("weight", "bias"):
-                    add(f"double_blocks.{i}.{bfl}.{leaf}", tuple(f"{d}{m}.{leaf}" for m in parts))
-            for bfl, name in DIFFUSERS_DOUBLE_NORMS.items():
-                add(f"double_blocks.{i}.{bfl}", (d + name,))
-        for i in range(single):
-            d = f"single_transformer_blocks.{i}."
-            for bfl, parts in DIFFUSERS_SINGLE.items():
-                for leaf in ("weight", "bias"):
-                    add(f"single_blocks.{i}.{bfl}.{leaf}", tuple(f"{d}{m}.{leaf}" for m in parts))
-            for bfl, name in DIFFUSERS_SINGLE_NORMS.items():
-                add(f"single_blocks.{i}.{bfl}", (d + name,))
+        for bfl_prefix, diff_prefix, linears, norms in (
+                ("double_blocks", "transformer_blocks", DIFFUSERS_DOUBLE, DIFFUSERS_DOUBLE_NORMS),
+                ("single_blocks", "single_transformer_blocks", DIFFUSERS_SINGLE, DIFFUSERS_SINGLE_NORMS)):
+            for i in range(_count_blocks(have, f"{diff_prefix}.")):
+                b, d = f"{bfl_prefix}.{i}.", f"{diff_prefix}.{i}."
+                for bfl, parts in linears.items():
+                    for leaf in ("weight", "bias"):
+                        add(f"{b}{bfl}.{leaf}", tuple(f"{d}{m}.{leaf}" for m in parts))
+                for bfl, name in norms.items():
+                    add(f"{b}{bfl}", (d + name,))
         for bfl, diff in flux.UNQUANTIZED:
             for leaf in ("weight", "bias"):
                 add(f"{bfl}.{leaf}", (f"{diff}.{leaf}",), swap=bfl == flux.SWAPPED)
