@@ -460,7 +460,7 @@ def default_quantization_config(precision: str, rank: int) -> dict:
     }
 
 
-def _atomic_write(dest: Path, write) -> None:
+def atomic_write(dest: Path, write) -> None:
     """Call write(tmp_path) on a temporary file next to dest, then rename it over dest."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
@@ -529,7 +529,7 @@ def write_nunchaku(path, *, svdquant: dict, w4a16: dict, plain: dict, config: di
         metadata[k] = v
 
     if not legacy_folder:
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         return path
 
     path.mkdir(parents=True, exist_ok=True)
@@ -538,11 +538,11 @@ def write_nunchaku(path, *, svdquant: dict, w4a16: dict, plain: dict, config: di
               if k.rpartition(".")[0] in quantized_prefixes
               or k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
     rest = {k: t for k, t in tensors.items() if k not in blocks}
-    _atomic_write(path / LEGACY_BLOCKS, lambda tmp: save_file(blocks, tmp))
-    _atomic_write(path / LEGACY_UNQUANTIZED, lambda tmp: save_file(rest, tmp))
+    atomic_write(path / LEGACY_BLOCKS, lambda tmp: save_file(blocks, tmp))
+    atomic_write(path / LEGACY_UNQUANTIZED, lambda tmp: save_file(rest, tmp))
     texts = {"config.json": metadata["config"]}
     if comfy_config is not None:
         texts["comfy_config.json"] = metadata["comfy_config"]
     for fname, text in texts.items():
-        _atomic_write(path / fname, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(path / fname, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
     return path

@@ -22,8 +22,6 @@ nodes/quantize.py attaches it for the duration of each sampling run.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..formats.nunchaku import natural_key
+from ..formats.nunchaku import atomic_write, natural_key
 from ..models import policies
 from .svdquant import ActStats
 
@@ -174,14 +172,7 @@ def save_calibration(path, stats: dict[str, dict[str, torch.Tensor]], *, family:
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "family": family,
             "linears": json.dumps({m: list(linears[m]) for m in stats}),
             "fingerprint": json.dumps({"keys": list(fingerprint_keys), "values": fp}), "max_rows": str(max_rows)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
