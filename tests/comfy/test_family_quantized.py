@@ -85,8 +85,6 @@ cases skip on 0.3.75, saying so.
 from __future__ import annotations
 
 import gc
-import hashlib
-import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +94,7 @@ import torch
 
 import family_models as fm
 import model_quality as mq
+from model_cache import cache_for, source_key
 from flux_models import psnr
 from nunchaku_core.formats.comfy_native import ComfyNativeCheckpoint
 from nunchaku_core.quantize.flux import QuantizeOptions
@@ -149,17 +148,9 @@ def flux2_6144() -> tuple[Path, Path]:
     """(fp8 source, INT4 comfy-layout file) of the 2.2 G-parameter FLUX.2 (BIG_FLUX2), from $SVDQ_TEST_CACHE
     (default ~/.cache/svdquant-tests), made once: written with fm.write_random_model_fp8 and quantized from its
     exact bf16 copy, keyed by the sources that shape them (older keys are deleted)."""
-    h = hashlib.sha256(repr((BIG_FLUX2, RANK)).encode())
-    for rel in BIG_FLUX2_SOURCES:
-        h.update((REPO / rel).read_bytes())
-    for fn in (fm.flux2_shapes, fm.write_random_model_fp8, fm._is_norm_scale):
-        h.update(inspect.getsource(fn).encode())
-    key = h.hexdigest()[:16]
-    cache = Path(os.environ.get("SVDQ_TEST_CACHE", Path.home() / ".cache" / "svdquant-tests"))
-    cache.mkdir(parents=True, exist_ok=True)
-    for stale in cache.glob("flux2w6144-*"):
-        if key not in stale.name:
-            stale.unlink()
+    key = source_key(repr((BIG_FLUX2, RANK)), [REPO / rel for rel in BIG_FLUX2_SOURCES],
+                     (fm.flux2_shapes, fm.write_random_model_fp8, fm._is_norm_scale))
+    cache = cache_for("flux2w6144", key)
     fp8, int4 = cache / f"flux2w6144-{key}-fp8.safetensors", cache / f"flux2w6144-{key}-int4.safetensors"
     if not (fp8.exists() and int4.exists()):
         bf16 = cache / f"flux2w6144-{key}-bf16-{os.getpid()}.tmp"     # the quantizer's input, 4.4 GB, deleted

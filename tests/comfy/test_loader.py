@@ -9,11 +9,8 @@ unquantized file, same seeds (see test_quantized_image_close_to_unquantized for 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from safetensors.torch import save_file
 import flux_models as fm
 from comfy_inprocess import checkpoint_module
 import graphs
+from model_cache import cache_for, source_key
 
 REPO = Path(__file__).resolve().parents[2]
 LOADER = "SVDQuantFluxLoader"
@@ -223,17 +221,9 @@ def flux3072(comfy_models):
     sessions in $SVDQ_TEST_CACHE (default ~/.cache/svdquant-tests), keyed by the sources that shape them.
     The quality test's other FLUX-width files are made one at a time and deleted after use (scratch_model)."""
     from nunchaku_core.quantize.flux import QuantizeOptions, quantize_flux
-    h = hashlib.sha256(json.dumps(QUANT_OPTIONS, sort_keys=True).encode())
-    for rel in QUALITY_SOURCES:
-        h.update((REPO / rel).read_bytes())
-    for fn in (fm.flux_shapes, fm.random_state_dict, fm.write_flux_bfl):
-        h.update(inspect.getsource(fn).encode())
-    key = h.hexdigest()[:16]
-    cache = Path(os.environ.get("SVDQ_TEST_CACHE", Path.home() / ".cache" / "svdquant-tests"))
-    cache.mkdir(parents=True, exist_ok=True)
-    for stale in cache.glob("flux3072-*"):
-        if key not in stale.name:
-            stale.unlink()
+    key = source_key(json.dumps(QUANT_OPTIONS, sort_keys=True), [REPO / rel for rel in QUALITY_SOURCES],
+                     (fm.flux_shapes, fm.random_state_dict, fm.write_flux_bfl))
+    cache = cache_for("flux3072", key)
 
     def cached(kind: str, make) -> Path:
         path = cache / f"flux3072-{key}-{kind}.safetensors"

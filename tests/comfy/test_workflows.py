@@ -22,7 +22,6 @@ the samplers and schedulers, latent, decode, save) runs as shipped, at 64x64 and
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 import pytest
 
 import family_models
+from model_cache import cache_for, source_key
 import flux_models as fm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -179,17 +179,12 @@ FAMILY_RANK = 32
 
 def _family_cache_key(family: str) -> str:
     """Hash of the tiny model's recipe and of every nunchaku_core module the quantizer runs."""
-    import inspect
     import nunchaku_core.quantize.model  # noqa: F401  (loads the modules hashed below)
-    h = hashlib.sha256(f"{family} rank {FAMILY_RANK} seed 5".encode())
-    for fn in (family_models.family_shapes, family_models.random_state_dict, family_models.write_random_model):
-        h.update(inspect.getsource(fn).encode())
-    h.update(inspect.getsource(getattr(family_models, f"{family}_shapes")).encode())
-    for name in sorted(m for m in sys.modules if m == "nunchaku_core" or m.startswith("nunchaku_core.")):
-        path = getattr(sys.modules[name], "__file__", None)
-        if path and path.endswith(".py"):
-            h.update(name.encode() + Path(path).read_bytes())
-    return h.hexdigest()[:16]
+    modules = sorted(m for m in sys.modules if m == "nunchaku_core" or m.startswith("nunchaku_core."))
+    files = [p for p in (getattr(sys.modules[m], "__file__", None) for m in modules) if p and p.endswith(".py")]
+    return source_key(f"{family} rank {FAMILY_RANK} seed 5 {' '.join(modules)}", files,
+                      (family_models.family_shapes, family_models.random_state_dict, family_models.write_random_model,
+                       getattr(family_models, f"{family}_shapes")))
 
 
 def quantized_family_model(family: str, models: Path) -> str:
@@ -197,11 +192,7 @@ def quantized_family_model(family: str, models: Path) -> str:
     from nunchaku_core.quantize.flux import QuantizeOptions
     from nunchaku_core.quantize.model import quantize_model
     key = _family_cache_key(family)
-    cache = Path(os.environ.get("SVDQ_TEST_CACHE", Path.home() / ".cache" / "svdquant-tests"))
-    cache.mkdir(parents=True, exist_ok=True)
-    for stale in cache.glob(f"workflow-{family}-*"):
-        if key not in stale.name:
-            stale.unlink()
+    cache = cache_for(f"workflow-{family}", key)
     path = cache / f"workflow-{family}-{key}-int4.safetensors"
     if not path.exists():
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
