@@ -221,6 +221,19 @@ def family_files(request, comfy_models):
         q.unlink(missing_ok=True)
 
 
+# Video frames the render test asks of a video family (3 latent frames, as model_quality.FRAMES)
+VIDEO_FRAMES = {"wan21_t2v": 9, "wan22_t2v": 9}
+
+
+def _frames(comfy, graph, count: int) -> torch.Tensor:
+    """[count, H, W, 3] uint8: the images SaveImage wrote (one per video frame)."""
+    entry = comfy.run(graph)
+    assert entry["status"]["status_str"] == "success", comfy.error(entry)
+    images = comfy.images(entry)
+    assert len(images) == count, f"{len(images)} images, expected {count} frames"
+    return torch.stack([torch.from_numpy(im.copy()) for im in images])
+
+
 def _image(comfy, graph) -> torch.Tensor:
     entry = comfy.run(graph)
     assert entry["status"]["status_str"] == "success", comfy.error(entry)
@@ -232,7 +245,8 @@ def _image(comfy, graph) -> torch.Tensor:
 def _graph(family: str, name: str, quantized: bool) -> dict:
     decoder = _flux2_decoder() if family == "flux2" else DECODER[family]
     # the big FLUX.2's reference: its fp8 file kept in fp8 (exact; fp32 would be 8.8 GB)
-    g = family_graph(family, name, decoder, weight_dtype="fp8_e4m3fn" if _big(family) else "default")
+    g = family_graph(family, name, decoder, weight_dtype="fp8_e4m3fn" if _big(family) else "default",
+                     length=VIDEO_FRAMES.get(family, 1))
     if quantized:
         g["1"] = {"class_type": "SVDQuantModelLoader", "inputs": {"model_name": name, "weight_dtype": "default"}}
     return g
@@ -243,14 +257,16 @@ def test_quantized_family_loads_and_renders(family_files, comfy, decoders):
     the 4-bit layers' dense shapes, builds its own model class with our operations, and samples."""
     family, src, q = family_files
     log_start = len(comfy.log())
-    quantized = _image(comfy, _graph(family, q.name, quantized=True))
+    frames = VIDEO_FRAMES.get(family, 1)
+    quantized = _frames(comfy, _graph(family, q.name, quantized=True), frames)
     log = comfy.log()[log_start:]
-    ref = _image(comfy, _graph(family, src.name, quantized=False))
+    ref = _frames(comfy, _graph(family, src.name, quantized=False), frames)
     comfy.free()
     assert quantized.shape == ref.shape
     assert f"as ComfyUI's {fm.SUPPORTED_MODEL[family][0]} (" in log, log[-2000:]
     assert f"Requested to load {fm.SUPPORTED_MODEL[family][1]}\n" in log
-    print(f"\n{family}: quantized image vs unquantized, same seeds: PSNR {psnr(quantized, ref):.2f} dB")
+    print(f"\n{family}: quantized {'video' if frames > 1 else 'image'} {list(quantized.shape)} vs unquantized, "
+          f"same seeds: PSNR {psnr(quantized, ref):.2f} dB")
 
 
 # ---- LoRA, ComfyUI in this process ----------------------------------------------------------------------------
