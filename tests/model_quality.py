@@ -45,7 +45,7 @@ DOWNSCALE_16 = ("flux2", "wan22_t2v")
 # that rounds to a multiple of 64 / 8 (tests/comfy/test_family_models.image_size); SDXL's tiny UNet (three 2x
 # levels, transformers only in the two lower ones) sees 16x16 and 8x8 tokens at 256 instead of 4x4 and 2x2; Wan
 # at 128 (8x8 latent per frame, 4x4 tokens after its 2x2 patches; 16x downscaling for 2.2's VAE: 256).
-SIDE = {"pixart_sigma": 320, "sdxl": 256, "wan21_t2v": 128, "wan22_t2v": 256}
+SIDE = {"pixart_sigma": 320, "sdxl": 128, "wan21_t2v": 128, "wan22_t2v": 256}
 # Latent frames of a video family's fixed input: a few, so that attention and the quantized Linears see
 # [frames x tokens] rows as in a real clip (3 latent frames = 9 video frames for Wan's 4x temporal VAE)
 FRAMES = {"wan21_t2v": 3, "wan22_t2v": 3}

@@ -130,7 +130,7 @@ PAPER_DIMS = {"sd3": {"depth": 6}, "chroma": {}, "pixart_sigma": {"depth": 1},
 # Weight std of the random model where 0.02 leaves the blocks out of the output: SD3's blocks are gated by
 # adaLN outputs three std-0.02 Linears deep (time embedder, then adaLN), ~0.01 at hidden 384, so the output was
 # 99 % the unquantized patch embedding's path (int4 41.6 dB, a broken Linear 40.1 dB, 0.33, measured)
-PAPER_STD = {"sd3": 0.05, "pixart_sigma": 0.05, "wan21_t2v": 0.05, "wan22_t2v": 0.05}
+PAPER_STD = {"sd3": 0.05, "pixart_sigma": 0.05, "wan21_t2v": 0.05, "wan22_t2v": 0.05, "sdxl": 0.03}
 
 
 def _lora_std(family: str) -> float:
