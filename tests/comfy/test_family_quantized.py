@@ -102,7 +102,7 @@ from nunchaku_core.quantize.model import quantize_model
 from test_family_models import DECODER, _flux2_decoder, _vae_files, family_dims, family_graph
 from test_loader import flux3072  # noqa: F401  (fixture: FLUX.1's FLUX-width files, cached across sessions)
 
-FAMILIES = ("qwen_image", "zimage", "flux2", "sd3", "chroma", "pixart_sigma", "wan21_t2v", "sdxl")
+FAMILIES = ("qwen_image", "zimage", "flux2", "sd3", "chroma", "pixart_sigma", "wan21_t2v", "wan22_t2v", "sdxl")
 RANK = 16
 NULL_DRAWS = 4
 LORA_STRENGTH = 0.8
