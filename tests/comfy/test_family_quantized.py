@@ -1,4 +1,5 @@
-"""The any-family path end to end, per family beyond FLUX.1 (Qwen-Image, Z-Image, FLUX.2): a tiny random model
+"""The any-family path end to end, per family beyond FLUX.1 (Qwen-Image, Z-Image, FLUX.2, and issue 17's SD3,
+Chroma, PixArt-Sigma, Wan 2.1 / 2.2 T2V, SDXL): a tiny random model
 (tests/family_models.py, sizes ComfyUI's detection accepts) quantized by nunchaku_core.quantize.model into
 ComfyUI's per-layer layout with the family's policy, loaded by 'SVDQuant Model Loader' (ComfyUI detects and
 builds its own model) and rendered through the session's server next to the same model unquantized (stock
@@ -65,6 +66,37 @@ its cached files (render 2.4 min, LoRA join 1.4 min, output 12 min of which 10 i
 the bf16 reference, 4.4 GB, ComfyUI's backup of every LoRA-patched weight and the quantized model at once).
 With the load average falling to ~1 (0.3.75): Z-Image's four tests 1.8 min (6.3 GB peak RSS), Qwen-Image's four and
 FLUX.1's 4.6 min together (4.5 GB).
+Issue 17's families (2026-12-07, same method, at PAPER_DIMS / PAPER_STD; Wan's fixed input has 3 latent frames and
+its render 9 video frames; the same numbers to 0.01 dB on 0.3.75 unless a second row says otherwise):
+  output         int4  null μ ± s    thr     2x noise  broken (BROKEN)
+  SD3 depth 6    11.68  12.14 ± 0.35  11.08    6.66    10.15      (57 Linears)
+  Chroma         8.86   8.18 ± 0.35   7.13    2.98    -0.00      (19 Linears: 8 W4A4, 11 W4A16 approximator)
+  PixArt-Σ       5.66   6.83 ± 0.66   4.85    3.34    -1.05      (8 Linears)
+  Wan 2.1 512    13.23  13.34 ± 0.34  12.32    7.22    -1.47      (21 Linears)
+  Wan 2.2 512    15.17  14.86 ± 0.34  13.83    9.94     1.01      (21 Linears)
+  SDXL           32.99  33.38 ± 0.54  31.77   27.45    28.99      (240 Linears)
+  with the LoRA  int4  null μ ± s    thr     half strength | Δ: int4  null μ ± s   thr    2x noise
+  SD3 depth 6    12.00  11.60 ± 0.27  10.79    9.21         |   4.22   4.39 ± 0.15  3.93   -1.12
+  Chroma         7.53   8.31 ± 0.29   7.44    5.66         |   5.04   4.62 ± 0.20  4.04    0.54
+  PixArt-Σ       6.17   6.57 ± 0.37   5.46    4.85         |  -0.58   0.12 ± 0.29 -0.75   -2.99
+  Wan 2.1 512    13.92  13.80 ± 0.27  12.99   12.17         |   5.10   4.72 ± 0.15  4.26   -0.91
+  Wan 2.2 512    15.27  14.88 ± 0.45  13.54   12.17         |   6.78   6.70 ± 0.13  6.31    0.98
+  SDXL           32.82  33.02 ± 0.53  31.44   31.27         |   2.91   3.17 ± 0.31  2.23   -3.27
+Wall time and peak RSS of each family's four tests (pytest process; the server is another process), load average
+3-6 from other sessions on the 2 cores, so not idle: 0.33 SD3 17 s / 0.86 GB, PixArt-Σ ~1.6 min / 1.4 GB, Wan 2.1
+67 s / 0.9 GB, Wan 2.2 74 s / 0.93 GB, SDXL 26 s / 1.6 GB, Chroma 2.6-6.3 min / 6.2 GB (its server 3.8 GB): Chroma's
+forced sizes (hidden 3072, a 5120-wide five-layer approximator: 505 M parameters) put it over the ~2 min / 3 GB
+aim; the LoRA'd-output check holds the bf16 model, ComfyUI's backup of each LoRA-patched weight (the approximator's
+262 M included) and the quantized model at once. 0.3.75: see the table's note.
+Where random weights need more than std 0.02 (PAPER_STD): the DiTs' blocks are gated by adaLN outputs several
+std-0.02 Linears deep (SD3 at hidden 384: gates ~0.01, the output 99 % the patch embedding's path: int4 41.6 dB and a
+broken Linear 40.1 dB, under the threshold 41.6); PixArt at std 0.02 (depth 2) and 0.03 (depth 1) let a broken
+attn.proj and the half-strength LoRA pass (22.09 vs 18.52 dB, 13.14 vs 12.43, 13.30 vs 12.17); SDXL at std 0.02 and
+a 256-px input passed but moved 1 % with the LoRA and took 4.3 min (the per-row null at 1024 tokens), 0.05 spread its
+null by 0.7-1.2 dB, 0.03 at 128 px is the one measured in the table. The LoRA's std follows the weights' (_lora_std)
+so that it moves each Linear by the same fraction. PixArt's std-0.05 model is chaotic (int4 at 5.7 dB; the LoRA's
+change Δ at -0.6 dB, i.e. below its own size): the Δ check there only says the LoRA is not lost in the noise.
+
 Broken layer: one W4A4 Linear with its two 4-bit codes per byte exchanged (a packer with the wrong nibble order).
 Not every Linear shows in the output: the last block's text-stream outputs (Qwen-Image's to_add_out, txt_mlp) are
 discarded by the model, so a broken one there is invisible (measured on the WIP before the layout change); a
