@@ -7,17 +7,18 @@ frontend on PyPI (a screenshot per workflow and frontend lands in the pytest tem
 Running them needs test models in place of the real ones (tens of GB). FLUX.1: the SVDQuant loader gets a tiny
 random Nunchaku file (tests/flux_models.py), VAELoader the random TAEF1, and the text-encoder part (CLIP loaders
 and CLIPTextEncode) becomes TinyFluxConditioning (tests/comfy/tiny_flux_test: random conditioning of the widths
-the model expects; CLIP-L / T5-XXL cannot be made small). Qwen-Image, Z-Image and FLUX.2 (the family is read off
-the workflow's CLIPLoader type): 'SVDQuant Model Loader' gets the family's tiny random model (tests/family_models.py)
+the model expects; CLIP-L / T5-XXL cannot be made small). Qwen-Image, Z-Image, FLUX.2, SD3.5, Chroma, Wan 2.1 and
+SDXL (the family is read off the workflow's CLIPLoader / DualCLIPLoader type, or its TripleCLIPLoader): 'SVDQuant Model Loader' gets the family's tiny random model (tests/family_models.py)
 quantized by nunchaku_core.quantize.model into ComfyUI's per-layer layout, CLIPTextEncode becomes
 TinyFamilyConditioning, VAELoader the family's tiny decoder (tests/comfy/test_family_models.py). The Qwen-Image and
 Z-Image workflows name Nunchaku's published files; the loader reads that layout too (tests/test_nunchaku_dit.py),
 but only at widths ComfyUI cannot build, since its detection forces Qwen-Image's 3072 and Z-Image's 3840, so the
-runs here load our own layout at those widths. The FLUX.2 workflow's muted 'SVDQuant Quantize Model' node is run
-as its note says: unmuted and queued once (it quantizes the tiny dense model while the rest of the graph fails
+runs here load our own layout at those widths. The muted 'SVDQuant Quantize Model' node of the FLUX.2, SD3.5,
+Chroma, Wan and SDXL workflows is run as their notes say, on the family's smallest tiny model: unmuted and queued once (it quantizes the tiny dense model while the rest of the graph fails
 validation for want of the file), then muted again and queued. FLUX.2 runs where its tiny width is legal
-(tests/comfy/test_family_quantized.py: 0.33, not 0.3.75). Everything else (ModelSamplingAuraFlow, FluxGuidance,
-the samplers and schedulers, latent, decode, save) runs as shipped, at 64x64 and 2 steps.
+(tests/comfy/test_family_quantized.py: 0.33, not 0.3.75). Everything else (ModelSamplingAuraFlow / SD3, FluxGuidance,
+the samplers and schedulers, latent, decode, save, Wan's animated WEBP, whose first frame is checked) runs as shipped,
+at 64x64 (Wan: 5 frames) and 2 steps.
 """
 from __future__ import annotations
 
