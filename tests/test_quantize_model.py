@@ -129,7 +129,6 @@ POLICY_FAMILY = {"wan21_t2v": "wan", "wan22_t2v": "wan"}
 ROLE_EXCEPTIONS = {
     "sdxl": {"*.attn2.to_[kv]": "w4a16",       # the text encoders' raw hidden states, few tokens
              "*.emb_layers.1": "keep"},         # ResBlock Linears: only the SpatialTransformers' blocks are quantized
-    "chroma": {"distilled_guidance_layer.in_proj": "keep"},   # K = 64 sinusoids; the rest of the approximator W4A16
 }
 
 
@@ -138,8 +137,8 @@ ROLE_EXCEPTIONS = {
 def test_family_policies_follow_the_linear_roles(family):
     """Each family's policy against the roles tests/family_models.py reads from ComfyUI's model code: attention
     (cross-attention included) and MLP Linears W4A4 (the MLP output shifted only when its whole input is a GELU:
-    not SDXL's GEGLU product), per-block or shared modulation and Chroma's approximator W4A16, the embedders,
-    final layers, the final layer's modulation and SDXL's proj_in / proj_out 16-bit (as for FLUX.1); the
+    not SDXL's GEGLU product), per-block or shared modulation W4A16, the embedders, final layers, the final
+    layer's modulation, Chroma's approximator and SDXL's proj_in / proj_out 16-bit (as for FLUX.1); the
     departures in ROLE_EXCEPTIONS."""
     import fnmatch
     import family_models as fam
@@ -151,7 +150,7 @@ def test_family_policies_follow_the_linear_roles(family):
     for name, role, feeder, *_ in fam.linear_layers(family, shapes):
         d = plan.decisions[name]
         want = ("w4a4" if role in ("qkv", "attn_out", "mlp_in", "mlp_out") else
-                "w4a16" if role in ("mod", "approx") and name not in final_mod else "keep")
+                "w4a16" if role == "mod" and name not in final_mod else "keep")
         want = next((v for p, v in ROLE_EXCEPTIONS.get(family, {}).items() if fnmatch.fnmatchcase(name, p)), want)
         assert d.kind == want, f"{family}: {name} ({role}, fed by {feeder}) is {d.kind}: {d.reason}"
         assert d.shifted == (role == "mlp_out" and feeder.startswith("GELU")), f"{family}: {name} shift"
@@ -181,11 +180,11 @@ def test_paper_family_plans():
                    "final_layer.linear": K, "final_layer.adaLN_modulation.1": K}
     chroma = plan_of("chroma", depth=1, depth_single=1)
     assert {n: v for n, v in chroma.items() if not n.startswith("distilled_guidance_layer.layers.")} == {
-        "img_in": K, "txt_in": K, "distilled_guidance_layer.in_proj": K, "distilled_guidance_layer.out_proj": A,
+        "img_in": K, "txt_in": K, "distilled_guidance_layer.in_proj": K, "distilled_guidance_layer.out_proj": K,
         **{f"double_blocks.0.{s}_{n}": v for s in ("img", "txt")
            for n, v in (("attn.qkv", W), ("attn.proj", W), ("mlp.0", W), ("mlp.2", S))},
         "single_blocks.0.linear1": W, "single_blocks.0.linear2": W, "final_layer.linear": K}
-    assert {v for n, v in chroma.items() if n.startswith("distilled_guidance_layer.layers.")} == {A}
+    assert {v for n, v in chroma.items() if n.startswith("distilled_guidance_layer.layers.")} == {K}
     assert plan_of("pixart_sigma") == {
         "t_embedder.mlp.0": K, "t_embedder.mlp.2": K, "t_block.1": A, "y_embedder.y_proj.fc1": K,
         "y_embedder.y_proj.fc2": K, "blocks.0.attn.qkv": W, "blocks.0.attn.proj": W, "blocks.0.cross_attn.q_linear": W,
