@@ -11,7 +11,8 @@ Per Linear, one decision:
            activations are shifted by σ and quantized unsigned (FORMAT.md §1). A Linear whose input only partly
            comes from a GELU (FLUX's single-block linear2: [attention | GELU(mlp)]) is not shifted.
   w4a16    weight-only 4-bit (AWQ, group 64): modulation / adaLN Linears, whose input is a per-sample
-           conditioning vector (few tokens: weight traffic dominates, activation quantization would buy nothing).
+           conditioning vector (few tokens: weight traffic dominates, activation quantization would buy nothing);
+           also SDXL's cross-attention keys / values, which read the text encoders' raw hidden states.
   keep     16-bit: embedders, final layers, norms, anything outside the blocks or too small.
 
 The default rule (a family without an entry, or `family="default"`): inside a repeated block (a name with
