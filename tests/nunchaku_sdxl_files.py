@@ -45,18 +45,14 @@ def _perm128(pos: torch.Tensor) -> torch.Tensor:
 
 def pack_qweight(codes: torch.Tensor) -> torch.Tensor:
     """codes [N, K] -> int8 [N, K/2]: little-endian uint32 word u = ((((tn·K/64 + tk)·8 + p)·32 + lane)·4 + 2·ns + ks),
-    nibble j holds n = 128·tn + 16·p + 8·ns + lane//4, k = 64·tk + 32·ks + 8·(lane%4) + j."""
+    nibble j holds n = 128·tn + 16·p + 8·ns + lane//4, k = 64·tk + 32·ks + 8·(lane%4) + j. As a reshape: split n into
+    its digits (tn, p, ns, lane//4) and k into (tk, ks, lane%4, j), put them in the word's order
+    (tn, tk, p, lane//4, lane%4, ns, ks, j), and pack nibbles j = 2i, 2i + 1 into byte i (low, high)."""
     N, K = codes.shape
-    u = torch.arange(N * K // 8)
-    ks, ns, lane, p = u % 2, (u // 2) % 2, (u // 4) % 32, (u // 128) % 8
-    tk, tn = (u // 1024) % (K // 64), (u // 1024) // (K // 64)
-    n = 128 * tn + 16 * p + 8 * ns + lane // 4
-    word = torch.zeros(u.shape, dtype=torch.int64)
-    for j in range(8):
-        k = 64 * tk + 32 * ks + 8 * (lane % 4) + j
-        word |= (codes[n, k].long() & 0xF) << (4 * j)
-    word = torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)   # the same 32 bits, signed
-    return word.view(torch.int8).reshape(N, K // 2)
+    c = codes.reshape(N // 128, 8, 2, 8, K // 64, 2, 4, 8)        # tn, p, ns, lane//4, tk, ks, lane%4, j
+    c = c.permute(0, 4, 1, 3, 6, 2, 5, 7).reshape(-1, 2).to(torch.int16) & 0xF
+    byte = c[:, 0] | (c[:, 1] << 4)
+    return torch.where(byte >= 128, byte - 256, byte).to(torch.int8).reshape(N, K // 2)
 
 
 def pack_wscales_int4(ws: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 (tests/nunchaku_sdxl_files.py) read into ComfyUI's SDXL UNet names, with every quantized layer's effective weight
 and bias equal to the expectation computed independently in float64; the file's diffusers names are ComfyUI's own
 unet_to_diffusers mapping; the loader's branch (nodes/checkpoint.load_checkpoint); bad files fail naming the file
-and the key. ComfyUI building its own SDXL from such a file, and rendering it, are in tests/comfy/test_nunchaku_sdxl.py
+and the key. ComfyUI building its own SDXL from such a file, and rendering it, are in tests/comfy/test_nunchaku_sdxl_render.py
 (the smallest SDXL ComfyUI detects holds 170 M codes).
 
 The model here has SDXL's layout at 128 channels (tests/family_models.sdxl_shapes with channels=128): levels of
@@ -206,6 +206,7 @@ def test_error_missing(built, tmp_path):
             (f"{FBLOCK}.norm3.weight", f"{FBLOCK}.norm3.weight is missing"),
             ("mid_block.resnets.1.conv2.weight", "mid_block.resnets.1.conv2.weight is missing"),
             ("add_embedding.linear_1.weight", "add_embedding.linear_1.weight is missing"),
+            ("down_blocks.0.downsamplers.0.conv.bias", "down_blocks.0.downsamplers.0.conv.bias is missing"),
             (f"{FBLOCK}.attn1.to_qkv.lora_up", f"{FBLOCK}.attn1.to_qkv.lora_up is missing"))):
         expect_error(b.write(tmp_path / f"m{i}.safetensors", without(b.tensors, cut)), fragment)
 

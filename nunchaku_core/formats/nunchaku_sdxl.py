@@ -49,6 +49,8 @@ Ambiguities (no published file was at hand; all from nunchaku's code):
   `UNet2DConditionModel`), else by the keys (`conv_in.weight` and `down_blocks.*` transformer layers).
 - Convolutions are 16-bit: unet_sdxl.py defines shifted-conv modules but says "_patch_resnets_convs is not used";
   forks that quantize them (other keys) are refused by the leftover check.
+- `smooth_orig`: nunchaku's strict load needs it in every W4A4 layer, so published files have it; it is unused at run
+  time and not required here.
 - 16-bit dtype: nunchaku casts every tensor to its torch_dtype (bf16 by default) when it loads; we keep the file's
   (bf16 or fp16).
 - Widths: nunchaku's GEMM needs N and K multiples of 128 (and never pads), which SDXL's 640/1280-wide blocks are;
@@ -127,13 +129,13 @@ class _Reader:
         self._put(ckey, self.ck.plain_tensor(fkey), fkey)
 
     def module(self, fprefix: str, cprefix: str, where: str, required: bool = True) -> None:
-        """A 16-bit module's weight (and bias, when the file has one: conv_shortcut, norms and Linears here all
-        have one in SDXL) under the ComfyUI prefix."""
+        """A 16-bit module's weight and bias under the ComfyUI prefix. Every convolution, norm and Linear mapped
+        here has a bias in SDXL, and one ComfyUI loads without its bias would keep uninitialised memory (its loading
+        only logs "unet missing"), so a missing one is refused."""
         if f"{fprefix}.weight" not in self.plain and not required:
             return
         self.tensor(f"{fprefix}.weight", f"{cprefix}.weight", where)
-        if f"{fprefix}.bias" in self.plain:
-            self.tensor(f"{fprefix}.bias", f"{cprefix}.bias", where)
+        self.tensor(f"{fprefix}.bias", f"{cprefix}.bias", where)
 
     def quantized(self, name: str, comfy: tuple, bias: bool, want_nk: tuple) -> None:
         if name not in self.svdq:
