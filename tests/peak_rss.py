@@ -72,10 +72,12 @@ def torch_peak_allocated(fn, trace: Path) -> int:
     return max(e["Total Allocated"] for e in events) - start
 
 
-def run_child(code: str, timeout: float = 600, threads: int = 0) -> dict:
-    """Runs `code` in a fresh Python (this one) with the repository and tests/ on sys.path and the malloc settings
-    above; the code prints one JSON object as its last line, which is returned. threads > 0 sets torch's threads."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+def run_child(code: str, timeout: float = 600, threads: int = 0, folders: tuple = ("tests",)) -> dict:
+    """Runs `code` in a fresh Python (this one) with the repository and its `folders` on sys.path and the malloc
+    settings above; the code prints one JSON object as its last line, which is returned. threads > 0 sets torch's
+    threads."""
+    path = [str(REPO)] + [str(REPO / f) for f in folders]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.pathsep.join(path))
     prelude = f"import torch\nif {threads}: torch.set_num_threads({threads})\n"
     r = subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True,
                        timeout=timeout, cwd=str(REPO))
