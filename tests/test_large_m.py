@@ -3,7 +3,7 @@ the CPU kernels and the memory-bounded fallback, each allocating within its stat
   CPU W4A4 / W4A16  nunchaku_core.kernels.cpu_packing (module docstring; cpu_w4a4_peak_bytes, cpu_w4a16_peak_bytes)
   tiled             nunchaku_core.kernels.tiled (module docstring; tiled_peak_bytes)
 at M = 200_000 and K = N = 256, where the M-proportional terms (output, activation codes, the fallback's fp32
-activations) are 94-99 % of the bound. Each measurement runs in a child process (tests/peak_rss.py: resident-memory
+activations) are 82-99 % of the bound. Each measurement runs in a child process (tests/peak_rss.py: resident-memory
 growth at the call's peak, with glibc returning freed blocks at once); the CPU paths are also checked against
 torch's own allocation count, which must equal the bound's torch-allocated terms exactly.
 
