@@ -39,8 +39,8 @@ dtype (the output's), T torch's intra-op threads:
   (NVFP4) at K = 1536, at most 1.16 / 1.54 MiB for K from 4096 to 16384 (tile_rows keeps P·K near 1 MiB). The other variants (ref, avx2) read act in place and have no block. Besides these, each
   thread's stack holds the quantizer's accumulators (≤ 16 rows x MAX_RANK fp32 = 64 KiB). All index arithmetic
   in csrc/cpu is int64 (tests/test_large_m.py runs rows past element 2^31 of act), so M is bounded by memory
-  only: at Wan 2.1 480p (M = 32760) a 1536 -> 8960 layer allocates 587 MB of output and 57 MB of activation
-  codes and scales, bench/results/bench_wan_shape.txt.
+  only: at Wan 2.1 480p (M = 32760, bf16) a 1536 -> 8960 layer allocates 587 MB of output, 50 MB of codes,
+  6 MB of scales and 4 MB of x·D, a bound of 618.7 MiB; measured 617.9 MiB (bench/results/bench_wan_shape.txt).
 """
 from __future__ import annotations
 
