@@ -14,7 +14,9 @@ Variants (nunchaku_core.quantize.flux.QuantizeOptions, data-free; the any-family
   nvfp4      as svdquant in NVFP4 (FLUX.1 only: quantize_flux; quantize_model writes ComfyUI's INT4 layout)
 Models: FLUX.1 hidden 3072 (1 double + 1 single block, ComfyUI fixes 24 heads) through quantize_flux; Qwen-Image,
 Z-Image (tests/family_models.py dims) and FLUX.2 (hidden 1024 where the width is free, 1 double + 1 single block)
-through quantize_model. FLUX.2 on a host that
+through quantize_model; SD3, Chroma, PixArt-Sigma, Wan 2.1 / 2.2 T2V and SDXL at the dims and weight std of
+tests/comfy/test_family_quantized.py (PAPER_DIMS, PAPER_STD). --append adds this run's tables after the file's
+existing ones instead of replacing them. FLUX.2 on a host that
 forces hidden 6144 (0.3.75) is 2.2 G parameters, four quantizations of it take most of an hour on 2 cores: left
 out there unless --big-flux2.
 """
@@ -41,7 +43,7 @@ from flux_models import write_flux_bfl  # noqa: E402
 from nunchaku_core.quantize.flux import QuantizeOptions, quantize_flux  # noqa: E402
 from nunchaku_core.quantize.model import quantize_model  # noqa: E402
 
-FAMILIES = ("flux", "qwen_image", "zimage", "flux2")
+FAMILIES = ("flux", "qwen_image", "zimage", "flux2", "sd3", "chroma", "pixart_sigma", "wan21_t2v", "wan22_t2v", "sdxl")
 RANK = 32
 NULL_DRAWS = 4
 VARIANTS = {
@@ -60,6 +62,11 @@ def write_source(family: str, path: Path, big_flux2: bool) -> dict:
         write_flux_bfl(path, hidden=3072, depth=1, depth_single=1, seed=0)
         return {"hidden": 3072, "depth": 1, "depth_single": 1}
     from test_family_models import family_dims
+    import test_family_quantized as tq
+    if family in tq.PAPER_DIMS:
+        dims = tq._dims(family)
+        fm.write_random_model(family, path, seed=5, std=tq.PAPER_STD.get(family, 0.02), **dims)
+        return {**dims, "std": tq.PAPER_STD.get(family, 0.02)}
     dims = family_dims(family)
     if family == "flux2" and dims["hidden"] == fm.FLUX2_HIDDEN_0375:
         if not big_flux2:
@@ -146,7 +153,7 @@ def markdown(results: list, command: str, seconds: float) -> str:
         "blocks of the real ComfyUI forward, adds up as measured here, and that the files load and run. What they",
         "cannot show: SVDQuant's gain on real models. Its low-rank branch absorbs the few large singular values and",
         "smoothing the outlier channels that trained weights and real activations have; i.i.d. Gaussian weights",
-        "(std 0.02) have a flat spectrum and no outlier channels, and the data-free α search sees synthetic",
+        "(std 0.02, or the std in a family's dims) have a flat spectrum and no outlier channels, and the data-free α search sees synthetic",
         "activations, so on these models the three INT4 variants are expected to differ by little. The ablation on a",
         "real transformer with real activations is bench/results/ablation_minilm.md. The SNR's absolute value also",
         "depends on how much of the output bypasses the quantized Linears (the unquantized input and output",
@@ -175,6 +182,7 @@ def main() -> None:
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "family_quality.md"))
     ap.add_argument("--big-flux2", action="store_true", help="FLUX.2 at hidden 6144 where the host forces it")
+    ap.add_argument("--append", action="store_true", help="keep --out's tables and add this run's after them")
     args = ap.parse_args()
     families = args.families.split(",")
     unknown = [f for f in families if f not in FAMILIES]
@@ -185,11 +193,12 @@ def main() -> None:
     results = []
     command = ("SVDQ_COMFYUI=" + os.environ["SVDQ_COMFYUI"] + " python bench/bench_family_quality.py " +
                " ".join(sys.argv[1:])).strip()
+    before = Path(args.out).read_text() + "\n" if args.append and Path(args.out).exists() else ""
     with tempfile.TemporaryDirectory(prefix="family_quality-") as tmp:
         for family in families:                      # the table is rewritten after each family
             results.append(measure_family(family, Path(tmp), args.big_flux2))
             text = markdown(results, command, time.perf_counter() - t0)
-            Path(args.out).write_text(text)
+            Path(args.out).write_text(before + text)
     print(text)
 
 

@@ -23,7 +23,8 @@ SIZE = 256      # rendered side (the tiny models' cost grows with the token coun
 STEPS = 4
 SEED = 7
 THUMB = 512
-TITLES = {"qwen_image": "Qwen-Image", "zimage": "Z-Image-Turbo", "flux2": "FLUX.2 [dev]"}
+TITLES = {"qwen_image": "Qwen-Image", "zimage": "Z-Image-Turbo", "flux2": "FLUX.2 [dev]", "sd3": "SD3.5 Large",
+          "chroma": "Chroma1-HD", "wan21_t2v": "Wan 2.1 T2V 1.3B", "sdxl": "SDXL base 1.0"}
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 
 

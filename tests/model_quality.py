@@ -42,6 +42,14 @@ CONDITIONING = Path(__file__).parent / "comfy" / "tiny_flux_test" / "family_cond
 # Families whose latents are video-shaped [B, C, T, H, W], and whose VAE downsamples 16x instead of 8x
 VIDEO_LATENT = ("qwen_image", "wan21_t2v", "wan22_t2v")
 DOWNSCALE_16 = ("flux2", "wan22_t2v")
+# Image side (pixels) of the fixed input where 64 does not fit the family: PixArt's forward needs a latent side
+# that rounds to a multiple of 64 / 8 (tests/comfy/test_family_models.image_size); SDXL's tiny UNet (three 2x
+# levels, transformers only in the two lower ones) sees 16x16 and 8x8 tokens at 256 instead of 4x4 and 2x2; Wan
+# at 128 (8x8 latent per frame, 4x4 tokens after its 2x2 patches; 16x downscaling for 2.2's VAE: 256).
+SIDE = {"pixart_sigma": 320, "sdxl": 128, "wan21_t2v": 128, "wan22_t2v": 256}
+# Latent frames of a video family's fixed input: a few, so that attention and the quantized Linears see
+# [frames x tokens] rows as in a real clip (3 latent frames = 9 video frames for Wan's 4x temporal VAE)
+FRAMES = {"wan21_t2v": 3, "wan22_t2v": 3}
 
 
 def snr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -73,14 +81,15 @@ class Inputs:
     conds: dict              # apply_model's keyword arguments (c_crossattn, guidance, ...)
 
 
-def fixed_inputs(base, family: str, side: int = 64, tokens: int = 8, seed: int = 0, percent: float = 0.5) -> Inputs:
-    """A latent for a side x side image, ComfyUI's sigma at `percent` of the family's schedule and the test
-    node's conditioning, turned into apply_model's arguments by the family's own extra_conds (as a sampler
-    does). base: a comfy.model_base model."""
+def fixed_inputs(base, family: str, side: Optional[int] = None, tokens: int = 8, seed: int = 0,
+                 percent: float = 0.5) -> Inputs:
+    """A latent for a side x side image (default SIDE's, else 64; FRAMES latent frames for a video family),
+    ComfyUI's sigma at `percent` of the family's schedule and the test node's conditioning, turned into
+    apply_model's arguments by the family's own extra_conds (as a sampler does). base: a comfy.model_base model."""
     g = torch.Generator().manual_seed(seed)
     C = base.latent_format.latent_channels
-    s = side // (16 if family in DOWNSCALE_16 else 8)
-    shape = (1, C, 1, s, s) if family in VIDEO_LATENT else (1, C, s, s)
+    s = (side or SIDE.get(family, 64)) // (16 if family in DOWNSCALE_16 else 8)
+    shape = (1, C, FRAMES.get(family, 1), s, s) if family in VIDEO_LATENT else (1, C, s, s)
     x0, noise = torch.randn(shape, generator=g) * 0.5, torch.randn(shape, generator=g)
     (ctx, extras), = _conditioning_node().make(SimpleNamespace(model=base), tokens=tokens, guidance=3.5, seed=seed,
                                                 masked_tokens=0)[0]

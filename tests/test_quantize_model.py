@@ -122,23 +122,95 @@ def test_refusals(source, tmp_path):
     assert not (tmp_path / "n.safetensors").exists() and not (tmp_path / "n2.safetensors").exists()
 
 
-@pytest.mark.parametrize("family", ["qwen_image", "zimage", "flux2"])
+# family_models' family -> the policy family (one Wan policy for 2.1 and 2.2)
+POLICY_FAMILY = {"wan21_t2v": "wan", "wan22_t2v": "wan"}
+# Where a family's policy departs from the role rule of test_family_policies_follow_the_linear_roles, and why
+# (each policy's notes say it at length): name pattern (fnmatch) -> decision
+ROLE_EXCEPTIONS = {
+    "sdxl": {"*.attn2.to_[kv]": "w4a16",       # the text encoders' raw hidden states, few tokens
+             "*.emb_layers.1": "keep"},         # ResBlock Linears: only the SpatialTransformers' blocks are quantized
+}
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "zimage", "flux2", "sd3", "chroma", "pixart_sigma", "wan21_t2v",
+                                    "wan22_t2v", "sdxl"])
 def test_family_policies_follow_the_linear_roles(family):
     """Each family's policy against the roles tests/family_models.py reads from ComfyUI's model code: attention
-    and MLP Linears W4A4 (the MLP output shifted only after a GELU), per-block or shared modulation W4A16, the
-    embedders, final layers and the final layer's modulation 16-bit (as for FLUX.1)."""
+    (cross-attention included) and MLP Linears W4A4 (the MLP output shifted only when its whole input is a GELU:
+    not SDXL's GEGLU product), per-block or shared modulation W4A16, the embedders, final layers, the final
+    layer's modulation, Chroma's approximator and SDXL's proj_in / proj_out 16-bit (as for FLUX.1); the
+    departures in ROLE_EXCEPTIONS."""
+    import fnmatch
     import family_models as fam
     shapes = fam.family_shapes(family)
-    assert policies.family_of(shapes) == family
+    assert policies.family_of(shapes) == POLICY_FAMILY.get(family, family)
     linears = {k[:-len(".weight")]: s for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
-    plan = policies.plan(linears, family)
+    plan = policies.plan(linears, POLICY_FAMILY.get(family, family))
     final_mod = {"norm_out.linear", "final_layer.adaLN_modulation.1"}
     for name, role, feeder, *_ in fam.linear_layers(family, shapes):
         d = plan.decisions[name]
         want = ("w4a4" if role in ("qkv", "attn_out", "mlp_in", "mlp_out") else
                 "w4a16" if role == "mod" and name not in final_mod else "keep")
+        want = next((v for p, v in ROLE_EXCEPTIONS.get(family, {}).items() if fnmatch.fnmatchcase(name, p)), want)
         assert d.kind == want, f"{family}: {name} ({role}, fed by {feeder}) is {d.kind}: {d.reason}"
         assert d.shifted == (role == "mlp_out" and feeder.startswith("GELU")), f"{family}: {name} shift"
+
+
+def test_paper_family_plans():
+    """The five families of issue 17, Linear by Linear on their smallest models (which Linear gets what)."""
+    import family_models as fam
+
+    def plan_of(family, **dims):
+        shapes = fam.family_shapes(family, **dims)
+        linears = {k[:-len(".weight")]: s for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
+        p = policies.plan(linears, policies.family_of(shapes))
+        return {n: (d.kind, d.shifted) for n, d in p.decisions.items()}
+
+    W, S, A, K = ("w4a4", False), ("w4a4", True), ("w4a16", False), ("keep", False)
+    sd3 = plan_of("sd3", depth=2, x_block_self_attn_layers=(0,))
+    assert sd3 == {"t_embedder.mlp.0": K, "t_embedder.mlp.2": K, "y_embedder.mlp.0": K, "y_embedder.mlp.2": K,
+                   "context_embedder": K,
+                   **{f"joint_blocks.0.{h}.{n}": v for h in ("context_block", "x_block")
+                      for n, v in (("attn.qkv", W), ("attn.proj", W), ("mlp.fc1", W), ("mlp.fc2", S),
+                                   ("adaLN_modulation.1", A))},
+                   "joint_blocks.0.x_block.attn2.qkv": W, "joint_blocks.0.x_block.attn2.proj": W,
+                   "joint_blocks.1.context_block.attn.qkv": W, "joint_blocks.1.context_block.adaLN_modulation.1": A,
+                   **{f"joint_blocks.1.x_block.{n}": v for n, v in (("attn.qkv", W), ("attn.proj", W), ("mlp.fc1", W),
+                                                                   ("mlp.fc2", S), ("adaLN_modulation.1", A))},
+                   "final_layer.linear": K, "final_layer.adaLN_modulation.1": K}
+    chroma = plan_of("chroma", depth=1, depth_single=1)
+    assert {n: v for n, v in chroma.items() if not n.startswith("distilled_guidance_layer.layers.")} == {
+        "img_in": K, "txt_in": K, "distilled_guidance_layer.in_proj": K, "distilled_guidance_layer.out_proj": K,
+        **{f"double_blocks.0.{s}_{n}": v for s in ("img", "txt")
+           for n, v in (("attn.qkv", W), ("attn.proj", W), ("mlp.0", W), ("mlp.2", S))},
+        "single_blocks.0.linear1": W, "single_blocks.0.linear2": W, "final_layer.linear": K}
+    assert {v for n, v in chroma.items() if n.startswith("distilled_guidance_layer.layers.")} == {K}
+    assert plan_of("pixart_sigma") == {
+        "t_embedder.mlp.0": K, "t_embedder.mlp.2": K, "t_block.1": A, "y_embedder.y_proj.fc1": K,
+        "y_embedder.y_proj.fc2": K, "blocks.0.attn.qkv": W, "blocks.0.attn.proj": W, "blocks.0.cross_attn.q_linear": W,
+        "blocks.0.cross_attn.kv_linear": W, "blocks.0.cross_attn.proj": W, "blocks.0.mlp.fc1": W,
+        "blocks.0.mlp.fc2": S, "final_layer.linear": K}
+    for family in ("wan21_t2v", "wan22_t2v"):
+        assert plan_of(family) == {
+            "text_embedding.0": K, "text_embedding.2": K, "time_embedding.0": K, "time_embedding.2": K,
+            "time_projection.1": A, **{f"blocks.0.{a}.{p}": W for a in ("self_attn", "cross_attn") for p in "qkvo"},
+            "blocks.0.ffn.0": W, "blocks.0.ffn.2": S, "head.head": K}
+    sdxl = plan_of("sdxl")
+    block = "input_blocks.4.1.transformer_blocks.0"
+    assert {n[len(block) + 1:]: v for n, v in sdxl.items() if n.startswith(block + ".")} == {
+        "attn1.to_q": W, "attn1.to_k": W, "attn1.to_v": W, "attn1.to_out.0": W, "attn2.to_q": W,
+        "attn2.to_k": A, "attn2.to_v": A, "attn2.to_out.0": W, "ff.net.0.proj": W, "ff.net.2": W}
+    assert sum(n.split(".transformer_blocks.")[0] != n for n in sdxl) == 24 * 10
+    assert {v for n, v in sdxl.items() if ".transformer_blocks." not in n} == {K}      # proj_in/out, ResBlocks, embedders
+
+
+def test_family_detection_does_not_collide():
+    """Each family's smallest model is detected as its own policy (Chroma and FLUX.2 carry FLUX.1's detect keys
+    too: they come first), and FLUX.1's as FLUX.1."""
+    import family_models as fam
+    got = {f: policies.family_of(fam.family_shapes(f)) for f in fam.FAMILIES}
+    assert got == {f: POLICY_FAMILY.get(f, f) for f in fam.FAMILIES}
+    assert policies.family_of(SHAPES) == "flux"
 
 
 # Reduced widths of the families whose ComfyUI-detectable sizes are forced (380 M / 900 M parameters): the

@@ -11,7 +11,8 @@ Per Linear, one decision:
            activations are shifted by σ and quantized unsigned (FORMAT.md §1). A Linear whose input only partly
            comes from a GELU (FLUX's single-block linear2: [attention | GELU(mlp)]) is not shifted.
   w4a16    weight-only 4-bit (AWQ, group 64): modulation / adaLN Linears, whose input is a per-sample
-           conditioning vector (few tokens: weight traffic dominates, activation quantization would buy nothing).
+           conditioning vector (few tokens: weight traffic dominates, activation quantization would buy nothing);
+           also SDXL's cross-attention keys / values, which read the text encoders' raw hidden states.
   keep     16-bit: embedders, final layers, norms, anything outside the blocks or too small.
 
 The default rule (a family without an entry, or `family="default"`): inside a repeated block (a name with
@@ -40,7 +41,7 @@ class Policy:
 
 _BLOCK = r"(?:.+\.)?\d+\."      # a name inside a repeated block
 
-# First match wins (family_of): FLUX.2 before FLUX.1, whose detect keys it also has.
+# First match wins (family_of): FLUX.2 and Chroma before FLUX.1, whose detect keys they also have.
 POLICIES = (
     Policy(
         family="flux2",
@@ -68,6 +69,71 @@ POLICIES = (
         notes="Z-Image / Lumina 2 NextDiT (ComfyUI names): attention and the SiLU-gated feed-forward (w1, w3 in, "
               "w2 out; no GELU: nothing shifted) of the main and refiner blocks W4A4; per-block adaLN W4A16; "
               "the final layer's adaLN and the embedders 16-bit"),
+    Policy(
+        family="sd3",
+        detect=(r"joint_blocks\.0\.context_block\.attn\.qkv\.weight", r"x_embedder\.proj\.weight"),
+        w4a4=(r"joint_blocks\.\d+\.(context|x)_block\.attn2?\.(qkv|proj)",
+              r"joint_blocks\.\d+\.(context|x)_block\.mlp\.fc[12]"),
+        shifted=(r"joint_blocks\.\d+\.(context|x)_block\.mlp\.fc2",),
+        w4a16=(r"joint_blocks\.\d+\.(context|x)_block\.adaLN_modulation\.1",),
+        notes="SD3 / SD3.5 MMDiT (SAI names as ComfyUI keeps them): both streams' attention (and SD3.5 Medium's "
+              "x-only attn2) and GELU(tanh) MLPs W4A4, mlp.fc2 shifted (its whole input is the GELU); per-block "
+              "adaLN_modulation W4A16 (input SiLU(t + y embedding), one row per sample); the final layer's "
+              "adaLN, the patch/time/pooled/context embedders and final_layer.linear 16-bit"),
+    Policy(
+        family="chroma",
+        detect=(r"distilled_guidance_layer\.in_proj\.weight", r"double_blocks\.0\.img_attn\.qkv\.weight"),
+        w4a4=(r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)", r"double_blocks\.\d+\.(img|txt)_mlp\.[02]",
+              r"single_blocks\.\d+\.linear[12]"),
+        shifted=(r"double_blocks\.\d+\.(img|txt)_mlp\.2",),
+        notes="Chroma (FLUX.1-schnell derived, BFL names): FLUX.1's block Linears and shift (double-block mlp.2; "
+              "single-block linear2's mixed [attention | GELU] input is not shifted). Its blocks have no "
+              "modulation Linears: the approximator (distilled_guidance_layer, a five-layer residual MLP) computes "
+              "every block's modulation vector from sinusoids, one row per vector (344), once per step. It stays "
+              "16-bit: as W4A16 (FLUX.1's choice for its per-block mod.lin) a LoRA on it put the LoRA'd output "
+              "1 dB below the noise-matched null model (tests/comfy/test_family_quantized.py, tiny Chroma: 7.35 dB "
+              "vs null 8.35 +- 0.35, while the same LoRA on the blocks alone: 8.79 dB vs 8.20), i.e. its 4-bit "
+              "error did more harm than its size says; it is 3 % of Chroma's 8.9 B parameters (0.56 GB in bf16)"),
+    Policy(
+        family="pixart_sigma",
+        detect=(r"t_block\.1\.weight", r"blocks\.0\.cross_attn\.kv_linear\.weight"),
+        w4a4=(r"blocks\.\d+\.attn\.(qkv|proj)", r"blocks\.\d+\.cross_attn\.(q_linear|kv_linear|proj)",
+              r"blocks\.\d+\.mlp\.fc[12]"),
+        shifted=(r"blocks\.\d+\.mlp\.fc2",),
+        w4a16=(r"t_block\.1",),
+        notes="PixArt-Sigma (and Alpha; original PixArt names): self-attention, cross-attention (q_linear on the "
+              "residual stream, kv_linear on the caption embedding, i.e. the y_embedder MLP's output) and the "
+              "GELU(tanh) MLP W4A4, mlp.fc2 shifted; t_block.1, the one adaLN table shared by all blocks "
+              "(input SiLU(t embedding)), W4A16 as FLUX.2's shared modulation; embedders and the final layer 16-bit"),
+    Policy(
+        family="wan",
+        detect=(r"head\.modulation", r"blocks\.0\.cross_attn\.q\.weight"),
+        w4a4=(r"blocks\.\d+\.self_attn\.[qkvo]", r"blocks\.\d+\.cross_attn\.([qkvo]|k_img|v_img)",
+              r"blocks\.\d+\.ffn\.[02]"),
+        shifted=(r"blocks\.\d+\.ffn\.2",),
+        w4a16=(r"time_projection\.1",),
+        notes="Wan 2.1 / 2.2 (Wan names; T2V, I2V's k_img/v_img too): self- and cross-attention (k/v on the "
+              "text embedding MLP's output) and the GELU(tanh) FFN W4A4, ffn.2 shifted; time_projection.1, the "
+              "adaLN Linear shared by all blocks (input SiLU(time embedding); one row per sample, or per token "
+              "for Wan 2.2 TI2V's per-token timesteps), W4A16 as FLUX.2's shared modulation (the blocks' own "
+              "`modulation` is a parameter, not a Linear); patch embedding (a Conv3d), text/time embedders, "
+              "img_emb and head 16-bit"),
+    Policy(
+        family="sdxl",
+        detect=(r"input_blocks\.0\.0\.weight", r"label_emb\.0\.0\.weight",
+                r".+\.transformer_blocks\.0\.attn2\.to_k\.weight"),
+        w4a4=(r".+\.transformer_blocks\.\d+\.attn1\.to_(q|k|v|out\.0)",
+              r".+\.transformer_blocks\.\d+\.attn2\.to_(q|out\.0)",
+              r".+\.transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)"),
+        w4a16=(r".+\.transformer_blocks\.\d+\.attn2\.to_[kv]",),
+        notes="SDXL UNet (ldm names): only the Linears of the SpatialTransformers' transformer_blocks are "
+              "quantized, as Nunchaku's SDXL does; convolutions, ResBlocks (their emb_layers too: per-sample "
+              "vectors, 17.6 M of 2.6 B parameters), time/label embedders and the SpatialTransformers' proj_in / "
+              "proj_out (the bridge between conv features and tokens, one pair per SpatialTransformer, 0.9 % of "
+              "the parameters) stay 16-bit. W4A4: attn1 q/k/v/out, attn2 q/out, ff.net.0.proj and ff.net.2; "
+              "ff.net.2 is not shifted: its input is value * GELU(gate) (GEGLU), a signed product, not a GELU "
+              "output. attn2's to_k / to_v read the text encoders' raw hidden states (CLIP's outlier channels; "
+              "77 tokens per prompt, weight-bound): W4A16 (Nunchaku's SDXL keeps them 16-bit)"),
     Policy(
         family="flux",
         detect=(r"double_blocks\.0\.img_attn\.qkv\.weight", r"img_in\.weight"),

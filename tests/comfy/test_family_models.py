@@ -253,10 +253,11 @@ def _image_side(family: str, decoder: str) -> int:
 # ---- through the server --------------------------------------------------------------------------------
 
 def family_graph(family: str, model_name: str, decoder: str, weight_dtype: str = "default", seed: int = 42,
-                 steps: int = 2) -> dict:
+                 steps: int = 2, length: int = 1) -> dict:
+    """length: video frames for Wan (1 + 4k: 4k + 1 frames are k + 1 latent frames)."""
     latent_inputs = {"width": image_size(family), "height": image_size(family), "batch_size": 1}
     if family in ("wan21_t2v", "wan22_t2v"):
-        latent_inputs["length"] = 1
+        latent_inputs["length"] = length
     if family == "wan22_t2v":
         latent_inputs["vae"] = ["5", 0]
     return {

@@ -7,17 +7,18 @@ frontend on PyPI (a screenshot per workflow and frontend lands in the pytest tem
 Running them needs test models in place of the real ones (tens of GB). FLUX.1: the SVDQuant loader gets a tiny
 random Nunchaku file (tests/flux_models.py), VAELoader the random TAEF1, and the text-encoder part (CLIP loaders
 and CLIPTextEncode) becomes TinyFluxConditioning (tests/comfy/tiny_flux_test: random conditioning of the widths
-the model expects; CLIP-L / T5-XXL cannot be made small). Qwen-Image, Z-Image and FLUX.2 (the family is read off
-the workflow's CLIPLoader type): 'SVDQuant Model Loader' gets the family's tiny random model (tests/family_models.py)
+the model expects; CLIP-L / T5-XXL cannot be made small). Qwen-Image, Z-Image, FLUX.2, SD3.5, Chroma, Wan 2.1 and
+SDXL (the family is read off the workflow's CLIPLoader / DualCLIPLoader type, or its TripleCLIPLoader): 'SVDQuant Model Loader' gets the family's tiny random model (tests/family_models.py)
 quantized by nunchaku_core.quantize.model into ComfyUI's per-layer layout, CLIPTextEncode becomes
 TinyFamilyConditioning, VAELoader the family's tiny decoder (tests/comfy/test_family_models.py). The Qwen-Image and
 Z-Image workflows name Nunchaku's published files; the loader reads that layout too (tests/test_nunchaku_dit.py),
 but only at widths ComfyUI cannot build, since its detection forces Qwen-Image's 3072 and Z-Image's 3840, so the
-runs here load our own layout at those widths. The FLUX.2 workflow's muted 'SVDQuant Quantize Model' node is run
-as its note says: unmuted and queued once (it quantizes the tiny dense model while the rest of the graph fails
+runs here load our own layout at those widths. The muted 'SVDQuant Quantize Model' node of the FLUX.2, SD3.5,
+Chroma, Wan and SDXL workflows is run as their notes say, on the family's smallest tiny model: unmuted and queued once (it quantizes the tiny dense model while the rest of the graph fails
 validation for want of the file), then muted again and queued. FLUX.2 runs where its tiny width is legal
-(tests/comfy/test_family_quantized.py: 0.33, not 0.3.75). Everything else (ModelSamplingAuraFlow, FluxGuidance,
-the samplers and schedulers, latent, decode, save) runs as shipped, at 64x64 and 2 steps.
+(tests/comfy/test_family_quantized.py: 0.33, not 0.3.75). Everything else (ModelSamplingAuraFlow / SD3, FluxGuidance,
+the samplers and schedulers, latent, decode, save, Wan's animated WEBP, whose first frame is checked) runs as shipped,
+at 64x64 (Wan: 5 frames) and 2 steps.
 """
 from __future__ import annotations
 
@@ -50,8 +51,10 @@ FRONTEND_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MODEL_FOLDERS = {"diffusion_models", "text_encoders", "clip", "vae", "loras", "checkpoints"}
 SVDQUANT_LOADERS = ("SVDQuantFluxLoader", "SVDQuantModelLoader")
-# CLIPLoader's `type` -> the family in tests/family_models.py; a workflow without one is FLUX.1
-FAMILY_OF_CLIP_TYPE = {"qwen_image": "qwen_image", "lumina2": "zimage", "flux2": "flux2"}
+# CLIPLoader's / DualCLIPLoader's `type` -> the family in tests/family_models.py (a TripleCLIPLoader: SD3); a
+# workflow without one is FLUX.1
+FAMILY_OF_CLIP_TYPE = {"qwen_image": "qwen_image", "lumina2": "zimage", "flux2": "flux2", "chroma": "chroma",
+                       "pixart": "pixart_sigma", "wan": "wan21_t2v", "sdxl": "sdxl", "TripleCLIPLoader": "sd3"}
 MUTED = 2   # litegraph mode "never": the frontend does not send the node
 
 
@@ -116,7 +119,8 @@ def made_files(workflow: dict) -> set[str]:
 
 def workflow_family(api: dict) -> str:
     """"flux1", or the family of tests/family_models.py named by the workflow's CLIPLoader type."""
-    types = {n["inputs"]["type"] for n in api.values() if n["class_type"] == "CLIPLoader"}
+    types = {n["inputs"]["type"] for n in api.values() if n["class_type"] in ("CLIPLoader", "DualCLIPLoader")}
+    types |= {n["class_type"] for n in api.values() if n["class_type"] == "TripleCLIPLoader"}
     families = {FAMILY_OF_CLIP_TYPE[t] for t in types if t in FAMILY_OF_CLIP_TYPE}
     assert len(families) <= 1 and len(families) == len(types), f"CLIPLoader types {types}: extend FAMILY_OF_CLIP_TYPE"
     return families.pop() if families else "flux1"
@@ -157,8 +161,10 @@ def with_test_models(api: dict, object_info: dict, model_name: str, lora_name: s
                 inputs[name] = lora_name if inputs[name] != "None" else "None"
         elif t == "VAELoader":
             inputs["vae_name"] = family_decoder(family)
-        elif t in ("EmptySD3LatentImage", "EmptyFlux2LatentImage", "Flux2Scheduler"):
+        elif t in ("EmptySD3LatentImage", "EmptyFlux2LatentImage", "Flux2Scheduler", "EmptyLatentImage"):
             inputs.update(width=size, height=size)
+        elif t == "EmptyHunyuanLatentVideo":          # Wan: 5 frames (2 latent frames)
+            inputs.update(width=size, height=size, length=5)
         if t in ("KSampler", "Flux2Scheduler"):
             inputs["steps"] = steps
         if t == "KSampler":
@@ -206,26 +212,28 @@ def quantized_family_model(family: str, models: Path) -> str:
     return link.name
 
 
-def quantize_in_workflow(comfy, workflow: dict, object_info: dict, models: Path, size: int = 64) -> str:
-    """The FLUX.2 workflow's first run, as its note says: its muted 'SVDQuant Quantize Model' unmuted, on the
-    tiny dense FLUX.2 of this host (tests/comfy/test_family_models.family_dims), queued with the rest of the
-    graph. ComfyUI queues the outputs that validate: the quantize node runs; the image chain is refused because
-    the loader's file does not exist yet. Returns the name of the file it wrote (for the loader)."""
+def quantize_in_workflow(comfy, workflow: dict, object_info: dict, models: Path, size: int = 64,
+                         family: str = "flux2") -> str:
+    """A quantize-first workflow's first run (FLUX.2, SD3.5, Chroma, Wan, SDXL), as its note says: its muted
+    'SVDQuant Quantize Model' unmuted, on the family's tiny dense model (FLUX.2: this host's,
+    tests/comfy/test_family_models.family_dims; the others at their smallest, tests/family_models.py), queued with
+    the rest of the graph. ComfyUI queues the outputs that validate: the quantize node runs; the image chain is
+    refused because the loader's file does not exist yet. Returns the name of the file it wrote (for the loader)."""
     from test_family_models import family_dims
-    dims = family_dims("flux2")
-    if dims["hidden"] == family_models.FLUX2_HIDDEN_0375:
+    dims = family_dims(family)
+    if family == "flux2" and dims["hidden"] == family_models.FLUX2_HIDDEN_0375:
         pytest.skip("this ComfyUI's FLUX.2 detection fixes 48 heads: the smallest FLUX.2 is hidden 6144, 1.7 G "
                     "parameters (tests/comfy/test_family_quantized.py); the FLUX.2 workflow runs on hosts that allow "
                     "hidden 128 (0.33)")
-    dense = family_models.write_random_model("flux2", models / "diffusion_models" / "svdq_workflow_tiny_flux2.safetensors",
+    dense = family_models.write_random_model(family, models / "diffusion_models" / f"svdq_workflow_tiny_{family}.safetensors",
                                              seed=5, **dims)
-    stem = "svdq_workflow_tiny_flux2_int4"
+    stem = f"svdq_workflow_tiny_{family}_int4"
     (models / "diffusion_models" / f"{stem}.safetensors").unlink(missing_ok=True)
     api = ui_to_api(workflow, object_info, unmute=True)
     quant = [k for k, n in api.items() if n["class_type"] == "SVDQuantQuantizeModel"]
     assert len(quant) == 1, f"one SVDQuant Quantize Model expected, found {len(quant)}"
     api[quant[0]]["inputs"].update(model_name=dense.name, output_name=stem)
-    graph = with_test_models(api, object_info, f"{stem}.safetensors", family="flux2", size=size)
+    graph = with_test_models(api, object_info, f"{stem}.safetensors", family=family, size=size)
     reply = comfy._call("/prompt", {"prompt": graph, "client_id": "svdq-workflow-test"})
     loader = next(k for k, n in graph.items() if n["class_type"] in SVDQUANT_LOADERS)
     refused = reply["node_errors"].get(loader, {}).get("errors", [])
@@ -237,18 +245,20 @@ def quantize_in_workflow(comfy, workflow: dict, object_info: dict, models: Path,
     return f"{stem}.safetensors"
 
 
-def family_graph(comfy, path: Path, object_info: dict, models: Path, size: int = 64, steps: int = 2,
+def family_graph(comfy, path: Path, object_info: dict, models: Path, size: int | None = None, steps: int = 2,
                  seed: int = 1) -> tuple[str, dict]:
-    """(family, the workflow's graph on its family's tiny model) for a Qwen-Image, Z-Image or FLUX.2 workflow:
-    its model quantized (FLUX.2: by the workflow's own quantize node) and its decoders written."""
-    from test_family_models import _vae_files
+    """(family, the workflow's graph on its family's tiny model) for a workflow of a family beyond FLUX.1: its
+    model quantized (by the workflow's own quantize node where it has one) and its decoders written. size: the
+    image side, default the family's test size (test_family_models.image_size: 64, PixArt 320)."""
+    from test_family_models import _vae_files, image_size
     wf = load(path)
     api = ui_to_api(wf, object_info)
     family = workflow_family(api)
-    assert family != "flux1", f"{path.name}: not a Qwen-Image, Z-Image or FLUX.2 workflow"
+    assert family != "flux1", f"{path.name}: not a workflow of a family beyond FLUX.1"
+    size = size or image_size(family)
     _vae_files(models)
     if any(n["type"] == "SVDQuantQuantizeModel" for n in wf["nodes"]):
-        name = quantize_in_workflow(comfy, wf, object_info, models, size)
+        name = quantize_in_workflow(comfy, wf, object_info, models, size, family)
     else:
         name = quantized_family_model(family, models)
     return family, with_test_models(api, object_info, name, family=family, size=size, steps=steps, seed=seed)
