@@ -180,6 +180,8 @@ QuantArgs quant_args(const at::Tensor& x, const at::Tensor& smooth, const c10::o
     return a;
 }
 
+// What one W4A4 call allocates: these four, the GEMM's output and each thread's RowBlock (gemm_w4a4_avx512vnni.cpp);
+// nunchaku_core/kernels/cpu_packing.py states the bound (cpu_w4a4_peak_bytes), tests/test_large_m.py measures it.
 std::vector<at::Tensor> quantize_outputs(QuantArgs& a, int64_t G) {
     auto opts = at::TensorOptions().device(at::kCPU);
     at::Tensor act = empty_output({a.M, a.K}, at::kChar);

@@ -1,8 +1,8 @@
 """From an SVDQuant checkpoint file to the state dict ComfyUI builds its own model from, for every family: ComfyUI's
 per-layer layout (already ComfyUI's keys, any family: ComfyUI's detection picks the model), Nunchaku's FLUX.1 files
-(mapped to BFL keys, with the FluxParams read from the weights) and Nunchaku's Qwen-Image / Z-Image files (mapped to
-ComfyUI's keys). Names and shapes only; no arithmetic (the tables are in nunchaku_core/models/flux.py and
-nunchaku_core/formats/nunchaku_dit.py, the layout readers in nunchaku_core/formats/).
+(mapped to BFL keys, with the FluxParams read from the weights) and Nunchaku's Qwen-Image / Z-Image / SDXL files
+(mapped to ComfyUI's keys). Names and shapes only; no arithmetic (the tables are in nunchaku_core/models/flux.py,
+nunchaku_core/formats/nunchaku_dit.py and nunchaku_sdxl.py, the layout readers in nunchaku_core/formats/).
 
 Unquantized tensors keep ComfyUI's keys (`img_in.weight`, ...). A quantized Linear `<bfl>` is one entry,
 `<bfl>.svdquant` -> QuantizedLinear, which nodes/ops.py's Linear consumes in _load_from_state_dict.
@@ -24,6 +24,7 @@ from nunchaku_core.models import flux
 from nunchaku_core.formats.comfy_native import AWQ_FORMAT, ComfyNativeCheckpoint, SVDQUANT_FORMAT
 from nunchaku_core.formats.nunchaku import LEGACY_BLOCKS, LEGACY_UNQUANTIZED, CheckpointError, open_nunchaku
 from nunchaku_core.formats.nunchaku_dit import family_of as nunchaku_dit_family, read_nunchaku_dit
+from nunchaku_core.formats.nunchaku_sdxl import is_nunchaku_sdxl, read_nunchaku_sdxl
 from nunchaku_core.layer import SVDQuantLayer, W4A16Layer
 
 try:
@@ -33,7 +34,7 @@ except ImportError:  # safetensors < 0.4
 
 QUANT_KEY = "svdquant"
 INCOMPLETE = "the file is incomplete or was written by a broken converter; re-download or re-quantize it"
-SUPPORTED_FAMILIES = "FLUX.1 (dev, schnell, Fill, Depth, Canny, Kontext), Qwen-Image (and Edit), Z-Image"
+SUPPORTED_FAMILIES = "FLUX.1 (dev, schnell, Fill, Depth, Canny, Kontext), Qwen-Image (and Edit), Z-Image, SDXL"
 
 
 @dataclass
@@ -393,10 +394,10 @@ def load_checkpoint(path: str) -> SVDQuantCheckpoint:
 
     with open_nunchaku(path) as ckpt:
         family = _nunchaku_family(ckpt)
-        if family != "flux" and nunchaku_dit_family(ckpt) is not None:
-            # Qwen-Image / Z-Image: the layers under ComfyUI's own names; ComfyUI's detection builds the model from
-            # their dense shapes (nodes/loader.py) and its own loading reports missing or unexpected keys
-            dit = read_nunchaku_dit(ckpt)
+        if family != "flux" and (nunchaku_dit_family(ckpt) is not None or is_nunchaku_sdxl(ckpt)):
+            # Qwen-Image / Z-Image / SDXL: the layers under ComfyUI's own names; ComfyUI's detection builds the model
+            # from their dense shapes (nodes/loader.py) and its own loading reports missing or unexpected keys
+            dit = read_nunchaku_dit(ckpt) if nunchaku_dit_family(ckpt) is not None else read_nunchaku_sdxl(ckpt)
             sd = {}
             for k, v in dit.state.items():
                 quantized = isinstance(v, (SVDQuantLayer, W4A16Layer))

@@ -12,7 +12,8 @@ else `auto`. Values:
              Any other device (MPS, XPU, ...): `tiled`.
              Never `cuda` (those kernels have never run on a GPU: opt in with SVDQ_BACKEND=cuda) and never
              `reference` (it allocates an [M, N, K/G] fp32 tensor per call: 10.9 GB for M = 4608, N = 12288).
-  cpu        the compiled CPU kernels; CPU tensors only.
+  cpu        the compiled CPU kernels; CPU tensors only. Per call they allocate the output, one byte per activation
+             code and the activation scales (kernels/cpu_packing.py states the bound; tests/test_large_m.py).
   triton     kernels/triton_w4a4.py, triton_w4a16.py: CUDA/ROCm tensors, or CPU tensors in Triton's interpreter
              (TRITON_INTERPRET=1 set before the process starts: that is how the CPU-only machines verify them).
   cuda       the compiled CUDA kernels (csrc/cuda; built only with SVDQ_BUILD_CUDA=1, see setup.py).

@@ -339,8 +339,11 @@ SDXL_TRANSFORMER_DEPTH = (0, 0, 2, 2, 10, 10)
 
 
 def sdxl_shapes(channel_mult: tuple = (1, 1, 1), middle: bool = False,
-                output_transformer_depth: tuple = (0,) * 9) -> dict[str, tuple]:
-    C, E = SDXL_CHANNELS, SDXL_TEMB
+                output_transformer_depth: tuple = (0,) * 9, channels: int = SDXL_CHANNELS,
+                transformer_depth: tuple = SDXL_TRANSFORMER_DEPTH) -> dict[str, tuple]:
+    """channels / transformer_depth other than SDXL's give the same layout at other sizes, which ComfyUI's
+    detection does not take for SDXL (tests of a reader's name mapping use them)."""
+    C, E = channels, SDXL_TEMB
     s: dict[str, tuple] = {}
 
     def conv(name, cin, cout, k=3):
@@ -382,7 +385,7 @@ def sdxl_shapes(channel_mult: tuple = (1, 1, 1), middle: bool = False,
     _linear(s, "label_emb.0.2", E, E)
     conv("input_blocks.0.0", 4, C)
     chans, ch, i = [C], C, 1
-    depth = iter(SDXL_TRANSFORMER_DEPTH)
+    depth = iter(transformer_depth)
     for level, mult in enumerate(channel_mult):
         for _ in range(2):
             resblock(f"input_blocks.{i}.0", ch, C * mult)

@@ -11,7 +11,6 @@ tiled.tiled_peak_bytes (test_peak_memory_within_stated_bound explains the measur
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import pytest
@@ -21,6 +20,7 @@ from kernel_bounds import SQNR_CASES, check_sqnr, sqnr_case, tiled_w4a4_bound, w
 from nunchaku_core import reference
 from nunchaku_core.kernels import tiled
 from nunchaku_core.layer import SVDQuantLayer
+from peak_rss import torch_peak_allocated
 from test_cpu_kernels import W4A4_CASES, W4A16_CASES, random_input, random_layer, random_w4a16
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -94,23 +94,11 @@ def test_w4a16_matches_reference_within_bound(case, dtype, budget):
 
 
 def _peak_allocated(fn, tmp_path) -> int:
-    """The highest number of bytes torch's CPU allocator held during fn(), counted from the start of the
-    measurement. torch.profiler with profile_memory records every allocation and free with the allocator's running
-    total ("Total Allocated"), which is the CPU counterpart of torch.cuda.max_memory_allocated on the GPUs this path
-    serves. Resident memory is no good measure here: glibc keeps freed blocks below its dynamic mmap threshold (up
-    to 32 MiB) in its heaps, so RSS rose 213 MiB with MALLOC_MMAP_THRESHOLD_=65536 and 267-285 MiB without for the
-    same call (2026-12-07), and it moves with what ran before."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    trace = tmp_path / "trace.json"
-    prof.export_chrome_trace(str(trace))
-    events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
-    assert events, "the profiler recorded no allocations"
-    # the running total also holds what earlier profiled code allocated and freed unobserved: start from the
-    # total just before the first event
-    start = events[0]["Total Allocated"] - events[0]["Bytes"]
-    return max(e["Total Allocated"] for e in events) - start
+    """peak_rss.torch_peak_allocated: torch's allocations, exactly. Resident memory is no good measure in this
+    process: glibc keeps freed blocks below its dynamic mmap threshold (up to 32 MiB) in its heaps, so RSS rose
+    213 MiB with MALLOC_MMAP_THRESHOLD_=65536 and 267-285 MiB without for the same call (2026-12-07), and it moves
+    with what ran before (tests/test_large_m.py measures RSS in a child with that threshold set)."""
+    return torch_peak_allocated(fn, tmp_path / "trace.json")
 
 
 def _big_layer(precision: str, N: int, K: int, R: int) -> SVDQuantLayer:

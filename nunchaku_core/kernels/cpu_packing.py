@@ -25,6 +25,22 @@ W4A16 (W4A16Layer):
             (n = 16·nb + c, k = 8·s + 2·j), high nibble = (n, k = 8·s + 2·j + 1). Unsigned codes; 0 past N and K.
   scales, zeros  [NB, ceil(K/G), 16] ((nb, g, c) for column 16·nb + c), each in the narrowest of bf16/fp16/fp32
             that holds it exactly (as the W4A4 arrays above); padding 0. bias fp32 [NB·16] or None.
+
+Memory of one call (bytes allocated beyond the input x and the packed layer; read from csrc/bindings.cpp and
+csrc/cpu/gemm_w4a4_avx512vnni.cpp; cpu_w4a4_peak_bytes / cpu_w4a16_peak_bytes compute it), e_y the bytes of x's
+dtype (the output's), T torch's intra-op threads:
+  W4A4   e_y·M·N (the output y) + M·K (act, int8: one byte per code, not nibble-packed)
+         + 8·M·K/G (ascale fp32, acorr int32) + 4·M·R16 (lora = x·D, fp32) + T·S(K)
+  W4A16  e_y·M·N + 4·M·K (x widened to fp32; 0 when x is already fp32 and contiguous) + 4·M·ceil(K/G) (xs)
+  (+ e_x·M·K for a non-contiguous x, which the bindings copy.) S(K), the AVX-512 GEMM's per-thread activation
+  block (RowBlock: one tile row block of act, ascale, acorr repacked for the micro-kernel), is P·K + 8·P·K/G
+  bytes, each part rounded up to 64, P = 6·ceil(min(M, tile_rows(K)) / 6) ≤ 258 rows: it depends on K only, is
+  kept by each thread between calls (grown to the largest K seen, never shrunk): 0.43 MiB (INT4) / 0.57 MiB
+  (NVFP4) at K = 1536, at most 1.16 / 1.54 MiB for K from 4096 to 16384 (tile_rows keeps P·K near 1 MiB). The other variants (ref, avx2) read act in place and have no block. Besides these, each
+  thread's stack holds the quantizer's accumulators (≤ 16 rows x MAX_RANK fp32 = 64 KiB). All index arithmetic
+  in csrc/cpu is int64 (tests/test_large_m.py runs rows past element 2^31 of act), so M is bounded by memory
+  only: at Wan 2.1 480p (M = 32760, bf16) a 1536 -> 8960 layer allocates 587 MB of output, 50 MB of codes,
+  6 MB of scales and 4 MB of x·D, a bound of 618.7 MiB; measured 617.9 MiB (bench/results/bench_wan_shape.txt).
 """
 from __future__ import annotations
 
@@ -50,8 +66,46 @@ MAX_RANK = 1024    # kMaxRank16: the quantizers keep 4 rows x R16 fp32 accumulat
 TILE_N = 64        # columns per parallel tile (informational; the kernels own the tiling)
 
 
+MICRO_ROWS = 6     # kMR of csrc/cpu/gemm_w4a4_avx512vnni.cpp: its row blocks are padded to multiples of this
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def tile_rows(K: int) -> int:
+    """csrc/layout.h tile_rows: GEMM rows per tile, up to 1 MiB of int8 activation rows, 4..256."""
+    r = (1 << 20) // max(K, 1) // 4 * 4
+    return min(256, max(4, r))
+
+
+def _round64(n: int) -> int:
+    return _ceil_div(n, 64) * 64
+
+
+def w4a4_block_bytes(M: int, K: int, precision: str) -> int:
+    """S(K) of the module docstring: one thread's AVX-512 activation block (RowBlock) for a call of M rows."""
+    G = GROUP_INT4 if precision == "int4" else GROUP_NVFP4
+    padded = MICRO_ROWS * _ceil_div(min(M, tile_rows(K)), MICRO_ROWS)
+    return _round64(padded * K) + 2 * _round64(padded * (K // G) * 4)
+
+
+def cpu_w4a4_peak_bytes(M: int, N: int, K: int, R: int, precision: str, x_dtype: torch.dtype,
+                        threads: Optional[int] = None) -> int:
+    """The module docstring's bound on what one W4A4 call allocates (x contiguous), the threads' activation
+    blocks included (threads: torch.get_num_threads() when None)."""
+    G = GROUP_INT4 if precision == "int4" else GROUP_NVFP4
+    e_y = torch.empty((), dtype=x_dtype).element_size()
+    R16 = _ceil_div(R, RANK_ALIGN) * RANK_ALIGN
+    T = torch.get_num_threads() if threads is None else threads
+    return e_y * M * N + M * K + 8 * M * (K // G) + 4 * M * R16 + T * w4a4_block_bytes(M, K, precision)
+
+
+def cpu_w4a16_peak_bytes(M: int, N: int, K: int, G: int, x_dtype: torch.dtype) -> int:
+    """The module docstring's bound on what one W4A16 call allocates (x contiguous)."""
+    e_y = torch.empty((), dtype=x_dtype).element_size()
+    widened = 0 if x_dtype == torch.float32 else 4 * M * K
+    return e_y * M * N + widened + 4 * M * _ceil_div(K, G)
 
 
 def _pad_rows(t: torch.Tensor, rows: int, value: float = 0) -> torch.Tensor:
