@@ -38,6 +38,31 @@ class Expect:
     source: str = ""                          # the file's layer this came from
 
 
+def quantization_config(precision: str, rank: int) -> dict:
+    """The `quantization_config` metadata nunchaku's converters write for an INT4 or NVFP4 file of this rank."""
+    fp4 = precision == "nvfp4"
+    dt, G = ("fp4_e2m1_all", 16) if fp4 else ("int4", 64)
+    return {"method": "svdquant",
+            "weight": {"dtype": dt, "scale_dtype": [None, "fp8_e4m3_nan"] if fp4 else None, "group_size": G},
+            "activation": {"dtype": dt, "scale_dtype": "fp8_e4m3_nan" if fp4 else None, "group_size": G},
+            "rank": rank}
+
+
+def assert_checkpoint_holds(ck, state: dict, fsd) -> None:
+    """nodes/checkpoint.py's state dict `ck.state_dict` (fsd: that module) holds exactly a reader's `state`: its
+    plain tensors unchanged and each 4-bit layer as one whole-output QuantizedLinear part equal to it."""
+    from nunchaku_core.layer import SVDQuantLayer, W4A16Layer, tensors_equal
+    want = {f"{k}.{fsd.QUANT_KEY}" if isinstance(v, (SVDQuantLayer, W4A16Layer)) else k for k, v in state.items()}
+    assert set(ck.state_dict) == want
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(ck.state_dict[k], v), k
+        else:
+            q = ck.state_dict[f"{k}.{fsd.QUANT_KEY}"]
+            assert isinstance(q, fsd.QuantizedLinear) and q.split == "out" and len(q.parts) == 1, k
+            assert tensors_equal(q.parts[0], v), k
+
+
 class Builder:
     """family: "qwen_image" | "zimage". D hidden size (one head of 128), F the MLP width; Z-Image's refiners are
     16-bit when skip_refiners."""
@@ -198,12 +223,7 @@ class Builder:
 
     # -- metadata and file -------------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
-        fp4 = self.precision == "nvfp4"
-        dt, G = ("fp4_e2m1_all", 16) if fp4 else ("int4", 64)
-        qc = {"method": "svdquant",
-              "weight": {"dtype": dt, "scale_dtype": [None, "fp8_e4m3_nan"] if fp4 else None, "group_size": G},
-              "activation": {"dtype": dt, "scale_dtype": "fp8_e4m3_nan" if fp4 else None, "group_size": G},
-              "rank": self.R}
+        qc = quantization_config(self.precision, self.R)
         if self.family == "qwen_image":
             config = {"_class_name": "QwenImageTransformer2DModel", "num_layers": self.n_layers,
                       "attention_head_dim": 128, "num_attention_heads": self.D // 128, "joint_attention_dim": 64,

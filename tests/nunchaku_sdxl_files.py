@@ -30,6 +30,7 @@ import torch
 
 import family_models as fm
 import nunchaku_oracle as oracle
+from nunchaku_dit_files import quantization_config
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
                     dtype=torch.float64)
@@ -302,12 +303,7 @@ class Builder:
         return "w4a4", main + up @ down.T, bias, main.abs() + up.abs() @ down.abs().T
 
     def metadata(self) -> dict[str, str]:
-        fp4 = self.precision == "nvfp4"
-        dt, G = ("fp4_e2m1_all", 16) if fp4 else ("int4", 64)
-        qc = {"method": "svdquant",
-              "weight": {"dtype": dt, "scale_dtype": [None, "fp8_e4m3_nan"] if fp4 else None, "group_size": G},
-              "activation": {"dtype": dt, "scale_dtype": "fp8_e4m3_nan" if fp4 else None, "group_size": G},
-              "rank": self.R}
+        qc = quantization_config(self.precision, self.R)
         config = {"_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time",
                   "cross_attention_dim": fm.SDXL_CONTEXT, "use_linear_projection": True}   # not read by the reader
         return {"config": json.dumps(config), "model_class": "NunchakuSDXLUNet2DConditionModel",

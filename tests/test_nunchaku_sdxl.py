@@ -32,7 +32,7 @@ from nunchaku_core.formats.nunchaku import CheckpointError, open_nunchaku
 from nunchaku_core.formats.nunchaku_dit import split_rows
 from nunchaku_core.formats.nunchaku_sdxl import SDXL, is_nunchaku_sdxl, read_nunchaku_sdxl
 from nunchaku_core.layer import SVDQuantLayer, tensors_equal
-from nunchaku_dit_files import Builder as DiTBuilder
+from nunchaku_dit_files import Builder as DiTBuilder, assert_checkpoint_holds
 
 U = 2.0 ** -24
 SHAPES = nf.with_middle(fm.sdxl_shapes(channel_mult=(1, 1, 2), channels=128, transformer_depth=(0, 0, 1, 1, 2, 1),
@@ -163,15 +163,7 @@ def test_loader_branch(built):
     ck = fsd.load_checkpoint(str(path))
     assert (ck.family, ck.model_config, ck.layout, ck.precision) == (None, {}, "nunchaku", "int4")
     dit = read(path)
-    want = {f"{k}.{fsd.QUANT_KEY}" if isinstance(v, SVDQuantLayer) else k for k, v in dit.state.items()}
-    assert set(ck.state_dict) == want
-    for k, v in dit.state.items():
-        if isinstance(v, torch.Tensor):
-            assert torch.equal(ck.state_dict[k], v), k
-        else:
-            q = ck.state_dict[f"{k}.{fsd.QUANT_KEY}"]
-            assert isinstance(q, fsd.QuantizedLinear) and q.split == "out" and len(q.parts) == 1, k
-            assert tensors_equal(q.parts[0], v), k
+    assert_checkpoint_holds(ck, dit.state, fsd)
 
 
 def test_fp16_plain_tensors_kept(tmp_path):
