@@ -98,8 +98,8 @@ Wall time and peak RSS of each family's four tests (pytest process; the server i
 3-6 from other sessions on the 2 cores, so not idle: 0.33 SD3 17 s / 0.86 GB, PixArt-Σ ~1.6 min / 1.4 GB, Wan 2.1
 67 s / 0.9 GB, Wan 2.2 74 s / 0.93 GB, SDXL 26 s / 1.6 GB, Chroma 2.8 min / 4.4 GB; 0.3.75 SD3 76 s / 0.81 GB,
 PixArt-Σ 2.0 min / 1.4 GB, Wan 2.1 2.8 min / 0.87 GB, Wan 2.2 1.6 min / 0.89 GB, SDXL 11.5 min / 1.5 GB (run beside
-the benchmark and the workflow tests; its in-process forwards were far slower than 0.33's: measure() 187 s vs 2.5 s,
-not profiled), Chroma 2.8 min / 3.7 GB. Chroma's forced sizes (hidden 3072, a 5120-wide five-layer approximator: 505 M
+the benchmark and the workflow tests: measure() 187 s vs 2.5 s on 0.33; alone at load ~1, with LORA_GAIN, the four
+tests took 65 s), Chroma 2.8 min / 3.7 GB. Chroma's forced sizes (hidden 3072, a 5120-wide five-layer approximator: 505 M
 parameters) keep it above the ~2 min / 3 GB aim. With its approximator as W4A16 (the first policy) the LoRA'd int4
 output fell 1 dB below the null's mean on both hosts (0.33 7.53 vs threshold 7.44, 0.3.75 7.51 vs 7.85: failed),
 the LoRA on the approximator alone being the cause (7.35 vs null 8.35 ± 0.35; on the blocks alone 8.79 vs 8.20):
