@@ -65,7 +65,7 @@ the unquantized model's, null μ ± s over 4 draws, threshold μ − max(3s, 0.5
 Wall time per family, render and LoRA-join tests included, with the load average at 5-7 on the 2 cores (other
 sessions' suites; not measured idle): 0.33 Qwen-Image ~5 min, Z-Image ~7 min, FLUX.2 1024 ~5 min (files made in
 the test), FLUX.1 ~3 min with its cached files (test_loader's flux3072 fixture); 0.3.75 FLUX.2 6144 14.2 min
-including making its files (about 3 min) at 14.9 GB peak RSS (load 5-7; profiled at load ~2: measure() 132 s, of
+at load 5-7 and 7.5 min at load ~2, both including making its files (about 3 min), at 15.0 GB peak RSS (load 5-7; profiled at load ~2: measure() 132 s, of
 which 121 s in eight forwards of the unquantized model, 15 s each: casting 2.2 G bf16 weights to fp32 and
 multiplying). It was 25 min and 18.9 GB before the unquantized model's LoRA went into forward hooks
 (model_quality.LoraHooks: no ComfyUI weight patching, no 4.4 GB backup of the patched weights) and the
