@@ -46,7 +46,9 @@ class SVDQuantQuantizeModel:
         return {"required": {
             "model_name": (folder_paths.get_filename_list("diffusion_models"),
                            {"tooltip": "a bf16/fp16/fp32 diffusion model file ComfyUI loads (FLUX.1 and its fine-tunes, "
-                                       "or any other family: see the format input)"}),
+                                       "or any other family: see the format input); .safetensors, a whole "
+                                       "checkpoint's diffusion model, a .pth release (read as plain tensors), or a "
+                                       "diffusers-layout PixArt transformer"}),
             "output_name": ("STRING", {"default": "svdq-int4-flux",
                                        "tooltip": "file name, written into the source model's diffusion_models folder"}),
             "precision": (["int4", "nvfp4"], {"tooltip": "int4: GPUs before Blackwell and CPU; nvfp4: Blackwell"}),

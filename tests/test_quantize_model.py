@@ -59,7 +59,7 @@ def test_quantize_any_family_to_comfy_native(source, tmp_path):
     res = quantize_model(source, out, options=QuantizeOptions(rank=16), progress=lambda d, t, w: steps.append((d, t)))
     assert steps[-1][0] == steps[-1][1] == 10 + 3 + 1
     ck = ComfyNativeCheckpoint(str(out))
-    plan, _, _ = plan_file(source)
+    plan, _ = plan_file(source)
     assert set(ck.layer_names()) == set(plan.of("w4a4")) | set(plan.of("w4a16"))
     src = fm.random_state_dict(SHAPES, std=0.02, seed=1)
     for name in plan.of("w4a4"):
@@ -87,7 +87,7 @@ def test_rank_0_variants_round_trip(source, tmp_path, variant, alphas):
     quantize_model(source, out, options=QuantizeOptions(rank=0, alphas=alphas, report=False))
     ck = ComfyNativeCheckpoint(str(out))
     src = fm.random_state_dict(SHAPES, std=0.02, seed=1)
-    plan, _, _ = plan_file(source)
+    plan, _ = plan_file(source)
     for name in plan.of("w4a4"):
         layer = ck.layer(name)
         assert layer.proj_down.shape[1] == 0 and layer.proj_up.shape[1] == 0, name

@@ -7,8 +7,9 @@ entry gets the stated default rule). Every W4A4 Linear goes through svdquant.qua
 synthetic activations, or on the inputs a calibration file recorded in a real sampling run: smoothing searched on
 them, optionally GPTQ), every W4A16 one through svdquant.quantize_w4a16, and
 is converted to its comfy-native tensors at once, so peak memory is the output plus one layer's fp32 working
-set. Everything else is copied as stored. The output keeps the input's key names (a `model.diffusion_model.`
-prefix is dropped), so ComfyUI's own detection recognises the model from the dense shapes of its layers.
+set. Everything else is copied as stored. The output keeps the names ComfyUI's model uses (models/model_source.py:
+a `model.diffusion_model.` prefix is dropped, a diffusers-layout PixArt is renamed and its split q/k/v fused; a
+`.pth` is read too), so ComfyUI's own detection recognises the model from the dense shapes of its layers.
 
 INT4 only: ComfyUI's svdquant_w4a4 layout has no NVFP4 variant (FLUX.1 NVFP4 goes through quantize/flux.py into
 Nunchaku's format).
@@ -23,53 +24,39 @@ from typing import Optional
 import torch
 
 from ..formats.comfy_native import svdquant_to_comfy, w4a16_to_comfy
-from ..models.flux_source import SafetensorsFile
 from ..formats.nunchaku import natural_key
 from ..formats.safetensors_stream import write_all
 from ..models import policies
+from ..models.model_source import ModelSource, ModelSourceError, open_model_source
 from .svdquant import quantize_svdquant, quantize_w4a16
 from .calibration import load_calibration
 from .flux import Progress, QuantizeOptions, QuantizeResult, check_output_path, format_table, write_report
 
 QUANTIZER_NAME = "nunchaku_core.quantize.model"
 QUANTIZER_VERSION = "1"
-CHECKPOINT_PREFIX = "model.diffusion_model."
 _QUANTIZED_MARKERS = (".qweight", ".wscales", ".comfy_quant", ".weight_scale")
+__all__ = ["ModelSourceError", "plan_file", "quantize_model"]
 
 
-class ModelSourceError(ValueError):
-    """The input cannot be quantized by this path (the message names the file and the fix)."""
+def _linears(src: ModelSource) -> dict:
+    """{Linear name: (N, K)} for every float 2-D `<name>.weight`."""
+    return {k[:-len(".weight")]: src.shape(k) for k in src.keys
+            if k.endswith(".weight") and len(src.shape(k)) == 2 and src.dtype_str(k) in ("BF16", "F16", "F32")}
 
 
-def _linears(src: SafetensorsFile, keys: dict) -> dict:
-    """{Linear name: (N, K)} for every float 2-D `<name>.weight` (file key -> model key in `keys`)."""
-    out = {}
-    for fk, mk in keys.items():
-        if mk.endswith(".weight") and len(src.shape(fk)) == 2 and src.dtype_str(fk) in ("BF16", "F16", "F32"):
-            out[mk[:-len(".weight")]] = src.shape(fk)
-    return out
-
-
-def plan_file(src_path, family: Optional[str] = None) -> tuple[policies.Plan, SafetensorsFile, dict]:
-    """(the per-Linear plan, the open source file, file key -> model key) for a model file."""
+def plan_file(src_path, family: Optional[str] = None) -> tuple[policies.Plan, ModelSource]:
+    """(the per-Linear plan, the opened model) for a model file."""
     src_path = Path(src_path)
-    if src_path.is_dir():
-        raise ModelSourceError(f"{src_path}: a folder; pass the model's .safetensors file")
-    src = SafetensorsFile(src_path)
-    file_keys = list(src.entries)
-    done = [k for k in file_keys if k.endswith(_QUANTIZED_MARKERS)]
+    src = open_model_source(src_path)
+    done = [k for k in src.file.entries if k.endswith(_QUANTIZED_MARKERS)]
     if done:
         raise ModelSourceError(f"{src_path}: already quantized ({done[0]}); quantize the unquantized model")
-    if any(k.startswith(CHECKPOINT_PREFIX) for k in file_keys):     # a full checkpoint: its diffusion model only
-        keys = {k: k[len(CHECKPOINT_PREFIX):] for k in file_keys if k.startswith(CHECKPOINT_PREFIX)}
-    else:
-        keys = {k: k for k in file_keys}
-    linears = _linears(src, keys)
+    linears = _linears(src)
     if not linears:
         raise ModelSourceError(f"{src_path}: no Linear weights (2-D float `*.weight` tensors) among its "
-                               f"{len(keys)} tensors; is this a diffusion model file?")
-    family = family or policies.family_of(keys.values())
-    return policies.plan(linears, family), src, keys
+                               f"{len(src.keys)} tensors; is this a diffusion model file?")
+    family = family or policies.family_of(src.keys)
+    return policies.plan(linears, family), src
 
 
 def quantize_model(src_path, out_path, *, options: Optional[QuantizeOptions] = None, family: Optional[str] = None,
@@ -89,17 +76,15 @@ def quantize_model(src_path, out_path, *, options: Optional[QuantizeOptions] = N
     src_path, out_path = Path(src_path), Path(out_path)
     check_output_path(out_path, src_path)
     t_start = time.perf_counter()
-    plan, src, keys = plan_file(src_path, family)
+    plan, src = plan_file(src_path, family)
     w4a4, w4a16 = set(plan.of("w4a4")), set(plan.of("w4a16"))
     if not w4a4:
         raise ModelSourceError(f"{src_path}: the {plan.family} policy quantizes none of its {len(plan.decisions)} "
                                f"Linears (K must be a multiple of {policies.GROUP}); nothing to do")
-    by_model_key = {mk: fk for fk, mk in keys.items()}
     calib = None
     if calib_path is not None:
         calib = load_calibration(calib_path)
-        calib.check_source(lambda k: src.read(by_model_key[k]) if k in by_model_key else None,
-                           lambda n: src.shape(by_model_key[f"{n}.weight"]) if f"{n}.weight" in by_model_key else None,
+        calib.check_source(src.read, lambda n: src.shape(f"{n}.weight") if f"{n}.weight" in src else None,
                            str(src_path))
     total, done = len(w4a4) + len(w4a16) + 1, [0]
 
@@ -108,15 +93,11 @@ def quantize_model(src_path, out_path, *, options: Optional[QuantizeOptions] = N
         if progress is not None:
             progress(done[0], total, what)
 
-    def read(model_key: str) -> Optional[torch.Tensor]:
-        fk = by_model_key.get(model_key)
-        return None if fk is None else src.read(fk)
-
     out: dict[str, torch.Tensor] = {}
     rows: list = []
     consumed: set = set()
     for name in sorted(w4a4 | w4a16, key=natural_key):
-        w, b = read(f"{name}.weight"), read(f"{name}.bias")
+        w, b = src.read(f"{name}.weight"), src.read(f"{name}.bias")
         consumed.update((f"{name}.weight", f"{name}.bias"))
         t0 = time.perf_counter()
         if name in w4a4:
@@ -134,14 +115,16 @@ def quantize_model(src_path, out_path, *, options: Optional[QuantizeOptions] = N
         del w, b
         out.update({f"{name}.{suffix}": t.contiguous() for suffix, t in tensors.items()})
         tick(name)
-    for mk in keys.values():
+    for mk in src.keys:
         if mk not in consumed:
-            out[mk] = read(mk).contiguous()
+            out[mk] = src.read(mk).contiguous()
 
     info = {"quantizer": QUANTIZER_NAME, "version": QUANTIZER_VERSION, "source": src_path.name,
             "family": plan.family, "precision": o.precision, "rank": o.rank,
-            "calibration": None if calib is None else calib.path.name, "gptq": o.gptq,
+            "calibration": None if calib is None else calib.path.name, "gptq": o.gptq, "source_layout": src.layout,
             "layers": {"w4a4": len(w4a4), "w4a16": len(w4a16), "kept": len(plan.of("keep"))}}
+    if src.dropped:     # a converted layout's tensors ComfyUI's model has no place for (it drops them too)
+        info["dropped"] = src.dropped
     metadata = {"svdquant_quantizer": json.dumps(info)}
     write_all(out_path, out, metadata, order=natural_key)
     tick("write")
