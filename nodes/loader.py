@@ -152,7 +152,8 @@ class SVDQuantModelLoader(SVDQuantFluxLoader):
         types = super().INPUT_TYPES()
         types["required"]["model_name"][1]["tooltip"] = (
             "An SVDQuant model in models/diffusion_models: ComfyUI's native svdquant_w4a4 layout of any model "
-            "family ComfyUI detects (what 'SVDQuant Quantize Model' writes), or a Nunchaku FLUX.1 file or folder.")
+            "family ComfyUI detects (what 'SVDQuant Quantize Model' writes), or a Nunchaku file: FLUX.1 (file or "
+            "folder), Qwen-Image, Z-Image or the SDXL UNet.")
         return types
 
     DESCRIPTION = ("Loads an SVDQuant (4-bit) diffusion model of any family ComfyUI knows: ComfyUI detects and "

@@ -1,4 +1,4 @@
-"""Render the thumbnails of the Qwen-Image, Z-Image and FLUX.2 workflows (example_workflows/<name>.jpg) for real:
+"""Render the thumbnails of the workflows beyond FLUX.1 (example_workflows/<name>.jpg) for real:
 each workflow's own graph, run through a real ComfyUI with this pack, on its family's tiny random model, exactly
 as tests/comfy/test_workflows.py runs it (same model swap: tiny quantized model, random text conditioning, tiny
 random decoder), only larger and with more steps. The render fills the 512x512 thumbnail; a caption band says
@@ -24,7 +24,8 @@ STEPS = 4
 SEED = 7
 THUMB = 512
 TITLES = {"qwen_image": "Qwen-Image", "zimage": "Z-Image-Turbo", "flux2": "FLUX.2 [dev]", "sd3": "SD3.5 Large",
-          "chroma": "Chroma1-HD", "wan21_t2v": "Wan 2.1 T2V 1.3B", "sdxl": "SDXL base 1.0"}
+          "chroma": "Chroma1-HD", "pixart_sigma": "PixArt-Σ XL 2 1024-MS", "wan21_t2v": "Wan 2.1 T2V 1.3B",
+          "sdxl": "SDXL base 1.0"}
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 
 
@@ -52,6 +53,7 @@ def thumbnail(render, family: str):
 def main(names: list[str]) -> None:
     import flux_models
     from conftest import MODEL_DIRS, comfy_server
+    from test_family_models import image_size
     from test_workflows import WORKFLOW_DIR, WORKFLOWS, family_graph, load, ui_to_api, workflow_family
 
     with tempfile.TemporaryDirectory(prefix="svdq-thumbnails-") as tmp:
@@ -66,7 +68,9 @@ def main(names: list[str]) -> None:
             paths = [WORKFLOW_DIR / f"{n}.json" for n in names] if names else [
                 p for p in WORKFLOWS if workflow_family(ui_to_api(load(p), object_info)) in TITLES]
             for path in paths:
-                family, graph = family_graph(comfy, path, object_info, models, size=SIZE, steps=STEPS, seed=SEED)
+                # PixArt's smallest legal side is 320 (test_family_models.image_size)
+                size = max(SIZE, image_size(workflow_family(ui_to_api(load(path), object_info))))
+                family, graph = family_graph(comfy, path, object_info, models, size=size, steps=STEPS, seed=SEED)
                 entry = comfy.run(graph)
                 comfy.free()
                 if entry["status"]["status_str"] != "success":

@@ -37,6 +37,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import family_models
 from model_cache import cache_for, source_key
@@ -226,13 +227,20 @@ def quantize_in_workflow(comfy, workflow: dict, object_info: dict, models: Path,
         pytest.skip("this ComfyUI's FLUX.2 detection fixes 48 heads: the smallest FLUX.2 is hidden 6144, 1.7 G "
                     "parameters (tests/comfy/test_family_quantized.py); the FLUX.2 workflow runs on hosts that allow "
                     "hidden 128 (0.33)")
-    dense = family_models.write_random_model(family, models / "diffusion_models" / f"svdq_workflow_tiny_{family}.safetensors",
-                                             seed=5, **dims)
-    stem = f"svdq_workflow_tiny_{family}_int4"
-    (models / "diffusion_models" / f"{stem}.safetensors").unlink(missing_ok=True)
     api = ui_to_api(workflow, object_info, unmute=True)
     quant = [k for k, n in api.items() if n["class_type"] == "SVDQuantQuantizeModel"]
     assert len(quant) == 1, f"one SVDQuant Quantize Model expected, found {len(quant)}"
+    dense = models / "diffusion_models" / f"svdq_workflow_tiny_{family}.safetensors"
+    if api[quant[0]]["inputs"]["model_name"].endswith(".pth"):
+        # the source the workflow links is an original PyTorch release (PixArt's): written as it is,
+        # torch.save({"state_dict": ...}), so the server's quantize node reads that format
+        dense = dense.with_suffix(".pth")
+        sd = family_models.random_state_dict(family_models.family_shapes(family, **dims), 0.02, 5)
+        torch.save({"state_dict": sd}, dense)
+    else:
+        family_models.write_random_model(family, dense, seed=5, **dims)
+    stem = f"svdq_workflow_tiny_{family}_int4"
+    (models / "diffusion_models" / f"{stem}.safetensors").unlink(missing_ok=True)
     api[quant[0]]["inputs"].update(model_name=dense.name, output_name=stem)
     graph = with_test_models(api, object_info, f"{stem}.safetensors", family=family, size=size)
     reply = comfy._call("/prompt", {"prompt": graph, "client_id": "svdq-workflow-test"})
