@@ -101,6 +101,8 @@ def test_rank_0_variants_round_trip(source, tmp_path, variant, alphas):
 def test_checkpoint_prefix_is_dropped(tmp_path):
     sd = {f"model.diffusion_model.{k}": v for k, v in fm.random_state_dict(SHAPES, std=0.02, seed=2).items()}
     sd["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4, 4, 3, 3)   # a VAE tensor: not ours to copy
+    # an fp8-scaled text encoder beside the unquantized model does not make the model "already quantized"
+    sd["text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight_scale"] = torch.ones(())
     src = tmp_path / "ckpt.safetensors"
     save_file(sd, str(src))
     quantize_model(src, tmp_path / "q.safetensors", options=QuantizeOptions(rank=8, report=False))

@@ -48,7 +48,8 @@ def plan_file(src_path, family: Optional[str] = None) -> tuple[policies.Plan, Mo
     """(the per-Linear plan, the opened model) for a model file."""
     src_path = Path(src_path)
     src = open_model_source(src_path)
-    done = [k for k in src.file.entries if k.endswith(_QUANTIZED_MARKERS)]
+    # the model's keys only: a whole checkpoint may hold an fp8-scaled text encoder beside an unquantized model
+    done = [k for k in src.keys if k.endswith(_QUANTIZED_MARKERS)]
     if done:
         raise ModelSourceError(f"{src_path}: already quantized ({done[0]}); quantize the unquantized model")
     linears = _linears(src)
