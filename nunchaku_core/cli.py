@@ -1,4 +1,5 @@
-"""`python -m nunchaku_core`: inspect, dequantize, quantize (FLUX DiT), quantize-t5."""
+"""`python -m nunchaku_core`: inspect, dequantize (Nunchaku FLUX.1 files and ComfyUI-layout files of any family),
+quantize, quantize-t5."""
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,39 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _inspect_comfy_native(path) -> int:
+    from .formats.comfy_native import ComfyNativeCheckpoint
+    from .formats.comfy_native_dequantize import layer_rows, plain_totals, quantizer_info
+
+    ckpt = ComfyNativeCheckpoint(path)
+    info = quantizer_info(ckpt) or {}
+    rows = layer_rows(ckpt)
+    print(f"file:        {ckpt.path}")
+    print("layout:      ComfyUI's per-layer svdquant_w4a4 / awq_w4a16 (loads in 'SVDQuant Model Loader')")
+    print(f"family:      {info.get('family', '(not recorded)')}")
+    print(f"quantizer:   {json.dumps(info) if info else '(not recorded)'}")
+    ranks = sorted({r["R"] for r in rows if r["R"]})
+    print(f"rank:        {', '.join(map(str, ranks)) or '-'}")
+    print()
+    print(f"{'layer':<48} {'kind':<7} {'N':>6} {'K':>6} {'R':>4} {'G':>4} {'shift':>5} {'params':>12} {'bytes':>11}")
+    for r in rows:
+        print(f"{r['name']:<48} {r['kind']:<7} {r['N']:>6} {r['K']:>6} {r['R'] or '-':>4} {r['G']:>4} "
+              f"{'yes' if r['shifted'] else '':>5} {r['params']:>12,} {_human(r['bytes']):>11}")
+    n_plain, plain_params, plain_bytes = plain_totals(ckpt)
+    q_params, q_bytes = sum(r["params"] for r in rows), sum(r["bytes"] for r in rows)
+    print()
+    print(f"quantized layers:   {len(rows):>6}  {q_params:>14,} params  {_human(q_bytes):>11}")
+    print(f"unquantized tensors:{n_plain:>6}  {plain_params:>14,} params  {_human(plain_bytes):>11}")
+    print(f"total:              {'':>6}  {q_params + plain_params:>14,} params  {_human(q_bytes + plain_bytes):>11}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
+    from .formats.comfy_native_dequantize import is_comfy_native
     from .formats.nunchaku import open_nunchaku
+
+    if is_comfy_native(args.file):
+        return _inspect_comfy_native(args.file)
 
     with open_nunchaku(args.file) as ckpt:
         print(f"file:        {ckpt.path}")
@@ -59,19 +91,24 @@ def cmd_inspect(args) -> int:
 def cmd_dequantize(args) -> int:
     from tqdm import tqdm
 
+    from .formats.comfy_native import ComfyNativeCheckpoint
+    from .formats.comfy_native_dequantize import dequantize_comfy_native, is_comfy_native
     from .formats.dequantize import dequantize_file
     from .formats.nunchaku import open_nunchaku
 
-    with open_nunchaku(args.input) as ckpt:
-        bar = tqdm(desc="dequantize", unit="tensor", disable=args.quiet)
+    bar = tqdm(desc="dequantize", unit="tensor", disable=args.quiet)
 
-        def progress(done, total, key):
-            bar.total = total
-            bar.update(1)
-            bar.set_postfix_str(key, refresh=False)
+    def progress(done, total, key):
+        bar.total = total
+        bar.update(1)
+        bar.set_postfix_str(key, refresh=False)
 
-        n = dequantize_file(ckpt, args.output, DTYPES[args.dtype], progress)
-        bar.close()
+    if is_comfy_native(args.input):
+        n = dequantize_comfy_native(ComfyNativeCheckpoint(args.input), args.output, DTYPES[args.dtype], progress)
+    else:
+        with open_nunchaku(args.input) as ckpt:
+            n = dequantize_file(ckpt, args.output, DTYPES[args.dtype], progress)
+    bar.close()
     print(f"wrote {n} tensors ({args.dtype}) to {args.output}")
     return 0
 
@@ -91,12 +128,15 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("inspect", help="metadata, precision, rank, per-layer table, parameter and byte counts")
-    s.add_argument("file", help="Nunchaku .safetensors file or legacy folder")
+    s.add_argument("file", help="Nunchaku FLUX.1 .safetensors file or legacy folder, or a file in ComfyUI's "
+                                "per-layer layout (what `quantize` writes by default, any family)")
     s.add_argument("--metadata", action="store_true", help="also print every raw metadata field")
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("dequantize", help="write the effective weights as a ComfyUI/BFL Flux state dict")
-    s.add_argument("input", help="Nunchaku .safetensors file or legacy folder")
+    s = sub.add_parser("dequantize", help="write the effective weights as a dense state dict ComfyUI loads: a "
+                                          "Nunchaku FLUX.1 file as a BFL Flux, a ComfyUI-layout file under its own names")
+    s.add_argument("input", help="Nunchaku FLUX.1 .safetensors file or legacy folder, or a file in ComfyUI's "
+                                 "per-layer layout")
     s.add_argument("output", help="output .safetensors (loads in ComfyUI's 'Load Diffusion Model')")
     s.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -74,3 +74,54 @@ def test_dequantize_bad_inputs_fail_cleanly_and_leave_no_output(tmp_path, tiny):
 def test_dequantize_unwritable_output_is_a_clear_error(tiny, tmp_path):
     r = run("dequantize", tiny, str(tmp_path / "no-such-dir" / "out.safetensors"), "--quiet")
     assert r.returncode == 2 and "no-such-dir" in r.stderr and "Traceback" not in r.stderr
+
+
+# ComfyUI's per-layer layout (what `quantize` writes by default, any family): a tiny FLUX.1 in BFL names
+@pytest.fixture(scope="module")
+def comfy_native(tmp_path_factory):
+    import flux_models as fm
+    from nunchaku_core.quantize.flux import QuantizeOptions
+    from nunchaku_core.quantize.model import quantize_model
+    d = tmp_path_factory.mktemp("cn")
+    dense = fm.random_state_dict(fm.flux_shapes(256, 1, 1, 64, 32, True), std=0.02, seed=4)
+    save_file(dense, str(d / "dense.safetensors"))
+    quantize_model(d / "dense.safetensors", d / "q.safetensors", options=QuantizeOptions(rank=16, report=False))
+    return d / "q.safetensors", dense
+
+
+def test_inspect_comfy_native_file(comfy_native):
+    path, _ = comfy_native
+    r = run("inspect", str(path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "layout:      ComfyUI's per-layer" in out and "family:      flux" in out and "rank:        16" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("double_blocks.", "single_blocks."))}
+    assert len(rows) == 13      # FLUX policy on one double and one single block: 10 W4A4 + 3 W4A16
+    assert rows["double_blocks.0.img_mlp.2"][1:5] == ["w4a4", "256", "1024", "16"] and "yes" in rows["double_blocks.0.img_mlp.2"]
+    assert rows["double_blocks.0.img_mod.lin"][1:6] == ["w4a16", "1536", "256", "-", "64"]
+    assert "quantized layers:       13" in out and "total:" in out
+
+
+def test_dequantize_comfy_native_file(comfy_native, tmp_path):
+    """Every quantized layer becomes its effective weight and bias under its own name (shifted layers' bias takes
+    back the shift), everything else is copied: the dense model's key set, close to its weights."""
+    from safetensors.torch import load_file
+    from nunchaku_core.formats.comfy_native import ComfyNativeCheckpoint
+    path, dense = comfy_native
+    dst = tmp_path / "dense-again.safetensors"
+    r = run("dequantize", str(path), str(dst), "--dtype", "float32", "--quiet")
+    assert r.returncode == 0, r.stderr
+    got = load_file(str(dst))
+    assert sorted(got) == sorted(dense)
+    ck = ComfyNativeCheckpoint(str(path))
+    fc2 = ck.layer("double_blocks.0.img_mlp.2")
+    assert fc2.shifted
+    assert torch.equal(got["double_blocks.0.img_mlp.2.weight"], reference.effective_weight(fc2))
+    assert torch.equal(got["double_blocks.0.img_mlp.2.bias"], reference.effective_bias(fc2))
+    mod = ck.layer("single_blocks.0.modulation.lin")
+    assert torch.equal(got["single_blocks.0.modulation.lin.weight"], reference.dequantize_w4a16(mod))
+    assert torch.equal(got["img_in.weight"], dense["img_in.weight"].float())
+    for name in ck.layer_names():      # 4-bit error on N(0, 0.02) weights: well under the weights' own size
+        w, w0 = got[f"{name}.weight"], dense[f"{name}.weight"].float()
+        assert (w - w0).norm() < 0.2 * w0.norm(), name
+        assert torch.allclose(got[f"{name}.bias"], dense[f"{name}.bias"].float(), atol=0.05), name
