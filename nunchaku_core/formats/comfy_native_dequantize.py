@@ -21,11 +21,8 @@ from safetensors import safe_open
 from .. import reference
 from .comfy_native import AWQ_FORMAT, AWQ_KEYS, OPTIONAL_KEYS, SVDQUANT_KEYS, ComfyNativeCheckpoint
 from .nunchaku import natural_key
-from .safetensors_stream import StreamingSafetensorsWriter
+from .safetensors_stream import DTYPES_BY_NAME, StreamingSafetensorsWriter
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-              "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
@@ -48,7 +45,7 @@ def _header(path: str) -> dict[str, tuple[tuple, torch.dtype]]:
         out = {}
         for k in f.keys():
             s = f.get_slice(k)
-            out[k] = (tuple(s.get_shape()), _ST_DTYPES[s.get_dtype()])
+            out[k] = (tuple(s.get_shape()), DTYPES_BY_NAME[s.get_dtype()])
         return out
 
 

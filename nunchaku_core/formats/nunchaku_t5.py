@@ -28,14 +28,13 @@ from safetensors import SafetensorError, safe_open
 from ..layer import W4A16Layer
 from ..packing import pack_awq_qweight, unpack_awq_qweight
 from .finite import require_finite
-from .safetensors_stream import DTYPE_NAMES, StreamingSafetensorsWriter
+from .safetensors_stream import DTYPES_BY_NAME, StreamingSafetensorsWriter
 
 GROUP_SIZE = 128
 GROUP_ROWS_MULTIPLE = 8          # TinyChat's padding of the group axis (see module docstring)
 QUANTIZATION_CONFIG = {"method": "awq", "weight": {"dtype": "uint4", "group_size": GROUP_SIZE,
                                                    "zeros": "scaled"}, "activation": None}
 
-_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 _FLOAT16 = (torch.bfloat16, torch.float16, torch.float32)
 # ComfyUI's T5 implements exactly these activations; gelu_new is HF's name for the tanh approximation.
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu_new": "gelu_pytorch_tanh", "relu": "relu"}
@@ -264,7 +263,7 @@ def open_t5(path: str) -> T5File:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             keys = list(f.keys())
-            header = {k: (_DTYPES.get(f.get_slice(k).get_dtype()), tuple(f.get_slice(k).get_shape())) for k in keys}
+            header = {k: (DTYPES_BY_NAME.get(f.get_slice(k).get_dtype()), tuple(f.get_slice(k).get_shape())) for k in keys}
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable .safetensors file ({e}); the file is truncated or corrupt, "
                          f"download it again") from None

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import flux
+from ..formats.safetensors_stream import DTYPES_BY_NAME
 
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 SUPPORTED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -30,9 +31,6 @@ QUANTIZED_SUFFIXES = (".qweight", ".wscales", ".wzeros", ".lora_down", ".proj_do
                       ".comfy_quant", ".scale_weight", ".weight_scale", ".absmax", ".quant_state")
 QUANTIZED_KEYS = ("scaled_fp8",)
 QUANTIZED_METADATA = ("quantization_config", "_quantization_metadata")
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-              "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 # diffusers -> BFL, per double block: BFL module -> diffusers modules concatenated along the rows.
 DIFFUSERS_DOUBLE = {
@@ -90,7 +88,7 @@ class SafetensorsFile:
     def read(self, key: str) -> torch.Tensor:
         e = self.entries[key]
         begin, end = e["data_offsets"]
-        dtype = _ST_DTYPES.get(e["dtype"])
+        dtype = DTYPES_BY_NAME.get(e["dtype"])
         if dtype is None:
             raise FluxSourceError(f"{self.path}: {key} has dtype {e['dtype']}, which this reader does not know")
         out = torch.empty(end - begin, dtype=torch.uint8)

@@ -21,12 +21,10 @@ import torch
 
 from . import pixart_diffusers
 from .flux_source import SafetensorsFile
+from ..formats.safetensors_stream import DTYPE_NAMES
 
 CHECKPOINT_PREFIX = "model.diffusion_model."
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
-_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 class ModelSourceError(ValueError):
@@ -57,7 +55,7 @@ class TorchFile:
         self.entries = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
     def dtype_str(self, key: str) -> str:
-        return _DTYPE_NAMES.get(self.entries[key].dtype, str(self.entries[key].dtype))
+        return DTYPE_NAMES.get(self.entries[key].dtype, str(self.entries[key].dtype))
 
     def shape(self, key: str) -> tuple:
         return tuple(self.entries[key].shape)
