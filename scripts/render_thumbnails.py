@@ -53,7 +53,6 @@ def thumbnail(render, family: str):
 def main(names: list[str]) -> None:
     import flux_models
     from conftest import MODEL_DIRS, comfy_server
-    from test_family_models import image_size
     from test_workflows import WORKFLOW_DIR, WORKFLOWS, family_graph, load, ui_to_api, workflow_family
 
     with tempfile.TemporaryDirectory(prefix="svdq-thumbnails-") as tmp:
@@ -68,9 +67,7 @@ def main(names: list[str]) -> None:
             paths = [WORKFLOW_DIR / f"{n}.json" for n in names] if names else [
                 p for p in WORKFLOWS if workflow_family(ui_to_api(load(p), object_info)) in TITLES]
             for path in paths:
-                # PixArt's smallest legal side is 320 (test_family_models.image_size)
-                size = max(SIZE, image_size(workflow_family(ui_to_api(load(path), object_info))))
-                family, graph = family_graph(comfy, path, object_info, models, size=size, steps=STEPS, seed=SEED)
+                family, graph = family_graph(comfy, path, object_info, models, size=SIZE, steps=STEPS, seed=SEED)
                 entry = comfy.run(graph)
                 comfy.free()
                 if entry["status"]["status_str"] != "success":

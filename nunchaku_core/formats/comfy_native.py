@@ -386,6 +386,14 @@ class ComfyNativeCheckpoint:
     def plain_tensor_names(self) -> list[str]:
         return list(self._plain)
 
+    def has_tensor(self, key: str) -> bool:
+        return key in self._keys
+
+    def tensor_info(self, key: str) -> tuple[tuple, str]:
+        """(shape, safetensors dtype name such as "BF16") from the header, without reading the data."""
+        s = self._f.get_slice(key)
+        return tuple(s.get_shape()), s.get_dtype()
+
     def plain_tensor(self, name: str) -> torch.Tensor:
         return self._read(name)
 

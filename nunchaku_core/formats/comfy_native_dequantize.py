@@ -40,13 +40,9 @@ def is_comfy_native(path) -> bool:
         return False
 
 
-def _header(path: str) -> dict[str, tuple[tuple, torch.dtype]]:
-    with safe_open(path, framework="pt", device="cpu") as f:
-        out = {}
-        for k in f.keys():
-            s = f.get_slice(k)
-            out[k] = (tuple(s.get_shape()), DTYPES_BY_NAME[s.get_dtype()])
-        return out
+def _info(ckpt: ComfyNativeCheckpoint, key: str) -> tuple[tuple, torch.dtype]:
+    shape, name = ckpt.tensor_info(key)
+    return shape, DTYPES_BY_NAME[name]
 
 
 def _nbytes(shape: tuple, dtype: torch.dtype) -> int:
@@ -54,14 +50,13 @@ def _nbytes(shape: tuple, dtype: torch.dtype) -> int:
 
 
 def layer_rows(ckpt: ComfyNativeCheckpoint) -> list[dict]:
-    """One row per quantized layer from the headers only: name, kind (w4a4 | w4a16), N, K, R, G, shifted, params
-    (a 4-bit code counts as one value), bytes (the layer's tensors in the file)."""
-    head = _header(ckpt.path)
+    """One row per quantized layer from the header only: name, kind (w4a4 | w4a16), N, K, R, G, shifted, has_bias,
+    params (a 4-bit code counts as one value), bytes (the layer's tensors in the file)."""
     rows = []
     for name in sorted(ckpt.layer_names(), key=natural_key):
         conf = ckpt.formats[name]
         suffixes = (AWQ_KEYS if conf["format"] == AWQ_FORMAT else SVDQUANT_KEYS) + OPTIONAL_KEYS
-        info = {s: head[f"{name}.{s}"] for s in suffixes if f"{name}.{s}" in head}
+        info = {s: _info(ckpt, f"{name}.{s}") for s in suffixes if ckpt.has_tensor(f"{name}.{s}")}
         w = info["weight"][0]
         N, K = (w[0] * 128, w[1] * 64) if len(w) == 4 else (w[0], w[1] * 2)      # tile-packed or natural
         params = N * K + sum(math.prod(shape) for s, (shape, _) in info.items() if s != "weight")
@@ -69,62 +64,55 @@ def layer_rows(ckpt: ComfyNativeCheckpoint) -> list[dict]:
             kind, R, G, shifted = "w4a16", 0, int(conf.get("group_size", 64)), False
         else:
             kind, R, G, shifted = "w4a4", info["weight_proj_down"][0][1], 64, bool(conf.get("act_unsigned", False))
-        rows.append(dict(name=name, kind=kind, N=N, K=K, R=R, G=G, shifted=shifted, params=params,
-                         bytes=sum(_nbytes(shape, dt) for shape, dt in info.values())))
+        rows.append(dict(name=name, kind=kind, N=N, K=K, R=R, G=G, shifted=shifted, has_bias="bias" in info,
+                         params=params, bytes=sum(_nbytes(shape, dt) for shape, dt in info.values())))
     return rows
 
 
 def plain_totals(ckpt: ComfyNativeCheckpoint) -> tuple[int, int, int]:
     """(count, params, bytes) of the tensors that are not part of a quantized layer."""
-    head = _header(ckpt.path)
-    names = ckpt.plain_tensor_names()
-    return (len(names), sum(math.prod(head[k][0]) for k in names),
-            sum(_nbytes(*head[k]) for k in names))
+    infos = [_info(ckpt, k) for k in ckpt.plain_tensor_names()]
+    return len(infos), sum(math.prod(shape) for shape, _ in infos), sum(_nbytes(*i) for i in infos)
 
 
 def dequantize_comfy_native(ckpt: ComfyNativeCheckpoint, out_path, dtype: torch.dtype = torch.bfloat16,
                             progress: Optional[Callable[[int, int, str], None]] = None) -> int:
-    """Write the effective dense state dict (module docstring) to out_path; returns the number of tensors."""
-    head = _header(ckpt.path)
-    rows = {r["name"]: r for r in layer_rows(ckpt)}
-    specs: list[tuple[str, torch.dtype, tuple]] = []
-    for name, r in rows.items():
-        specs.append((f"{name}.weight", dtype, (r["N"], r["K"])))
-        if f"{name}.bias" in head or r["shifted"]:       # a shifted layer's effective bias takes back the shift
-            specs.append((f"{name}.bias", dtype, (r["N"],)))
-    for k in ckpt.plain_tensor_names():
-        shape, dt = head[k]
-        specs.append((k, dtype if dt in _FLOATS else dt, shape))
-    specs.sort(key=lambda e: natural_key(e[0]))
-    layer_of = {f"{n}.{leaf}": n for n in rows for leaf in ("weight", "bias")}
-    spec_keys = {k for k, _, _ in specs}
+    """Write the effective dense state dict (module docstring) to out_path, each layer's weight then its bias, then
+    the other tensors; returns the number of tensors."""
+    rows = layer_rows(ckpt)
+    plain = {k: _info(ckpt, k) for k in ckpt.plain_tensor_names()}
+    # a shifted layer always gets a bias: its effective bias takes back the shift
+    biased = {r["name"] for r in rows if r["has_bias"] or r["shifted"]}
+    specs = []
+    for r in rows:
+        specs.append((f"{r['name']}.weight", dtype, (r["N"], r["K"])))
+        if r["name"] in biased:
+            specs.append((f"{r['name']}.bias", dtype, (r["N"],)))
+    specs += [(k, dtype if dt in _FLOATS else dt, shape) for k, (shape, dt) in plain.items()]
 
     meta = {"source": str(ckpt.path), "format": "dense, dequantized from ComfyUI's svdquant layout"}
     if "svdquant_quantizer" in ckpt.metadata:
         meta["svdquant_quantizer"] = ckpt.metadata["svdquant_quantizer"]
-    cached: dict[str, torch.Tensor] = {}          # a layer's weight or bias, made with its other half
+    done = 0
     with StreamingSafetensorsWriter(str(out_path), specs, meta) as w:
-        for i, (key, dt, _) in enumerate(specs):
-            name = layer_of.get(key)
-            if name is None:
-                t = ckpt.plain_tensor(key)
-            elif key in cached:
-                t = cached.pop(key)
-            else:
-                layer = ckpt.layer(name)
-                if rows[name]["kind"] == "w4a4":
-                    parts = {f"{name}.weight": reference.effective_weight(layer),
-                             f"{name}.bias": reference.effective_bias(layer)}
-                else:
-                    parts = {f"{name}.weight": reference.dequantize_w4a16(layer), f"{name}.bias": layer.bias}
-                del layer
-                t = parts.pop(key)
-                (other, rest), = parts.items()
-                if other in spec_keys:
-                    cached[other] = rest.to(dtype)
+        def put(key: str, t: torch.Tensor, dt: torch.dtype) -> None:
+            nonlocal done
             w.write(key, t.to(dt))
+            done += 1
             if progress:
-                progress(i + 1, len(specs), key)
+                progress(done, len(specs), key)
+
+        for r in rows:
+            layer = ckpt.layer(r["name"])
+            if r["kind"] == "w4a4":
+                weight, bias = reference.effective_weight(layer), reference.effective_bias(layer)
+            else:
+                weight, bias = reference.dequantize_w4a16(layer), layer.bias
+            put(f"{r['name']}.weight", weight, dtype)
+            if r["name"] in biased:
+                put(f"{r['name']}.bias", bias, dtype)
+        for k, (_, dt) in plain.items():
+            put(k, ckpt.plain_tensor(k), dtype if dt in _FLOATS else dt)
     return len(specs)
 
 

@@ -154,7 +154,7 @@ class FluxSource:
         for bfl_prefix, diff_prefix, linears, norms in (
                 ("double_blocks", "transformer_blocks", DIFFUSERS_DOUBLE, DIFFUSERS_DOUBLE_NORMS),
                 ("single_blocks", "single_transformer_blocks", DIFFUSERS_SINGLE, DIFFUSERS_SINGLE_NORMS)):
-            for i in range(_count_blocks(have, f"{diff_prefix}.")):
+            for i in range(count_blocks(have, f"{diff_prefix}.")):
                 b, d = f"{bfl_prefix}.{i}.", f"{diff_prefix}.{i}."
                 for bfl, parts in linears.items():
                     for leaf in ("weight", "bias"):
@@ -194,8 +194,8 @@ class FluxSource:
                                       f"({self.layout} naming)")
         hidden, in4 = self.shape("img_in.weight")
         head_dim = self.shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
-        self.depth = _count_blocks(self._entries, "double_blocks.")
-        self.depth_single_blocks = _count_blocks(self._entries, "single_blocks.")
+        self.depth = count_blocks(self._entries, "double_blocks.")
+        self.depth_single_blocks = count_blocks(self._entries, "single_blocks.")
         self.hidden_size = hidden
         guidance = self.has("guidance_in.in_layer.weight")
         self.model_config = flux.comfy_model_config(
@@ -301,7 +301,8 @@ def _detect_layout(path: Path, keys: dict) -> tuple[str, str]:
                           f"tensors start with {sample}")
 
 
-def _count_blocks(keys, prefix: str) -> int:
+def count_blocks(keys, prefix: str) -> int:
+    """How many blocks `<prefix><i>.` the keys hold; a gap in 0..max raises FluxSourceError naming the missing one."""
     idx = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
     if idx and idx != set(range(max(idx) + 1)):
         missing = sorted(set(range(max(idx) + 1)) - idx)

@@ -51,7 +51,6 @@ class TorchFile:
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
             raise ModelSourceError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
-        self.metadata: dict = {}
         self.entries = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
     def dtype_str(self, key: str) -> str:

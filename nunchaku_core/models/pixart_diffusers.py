@@ -11,7 +11,7 @@ q, k, v -> attn.qkv; cross-attention k, v -> cross_attn.kv_linear.
 """
 from __future__ import annotations
 
-import re
+from .flux_source import count_blocks
 
 # Detection: keys that only a diffusers-layout PixArt transformer has (ComfyUI's test, model_detection.py).
 DETECT = ("adaln_single.emb.timestep_embedder.linear_1.bias", "pos_embed.proj.bias")
@@ -52,15 +52,10 @@ def is_pixart_diffusers(keys) -> bool:
     return all(k in keys for k in DETECT)
 
 
-def _depth(keys) -> int:
-    blocks = {int(m.group(1)) for k in keys if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
-    return max(blocks) + 1 if blocks else 0
-
-
 def name_map(keys) -> dict[str, tuple[str, ...]]:
     """{PixArt key: (diffusers keys concatenated along dim 0, in order)} for the tensors present in `keys`
     (a diffusers PixArt file's keys). A fused layer with only some of its parts present raises ValueError
-    naming the missing part. Keys of the file this map does not name are left out, as ComfyUI leaves them."""
+    naming the missing part, as does a missing block. Keys of the file this map does not name are left out, as ComfyUI leaves them."""
     have = set(keys)
     out: dict[str, tuple[str, ...]] = {}
 
@@ -72,7 +67,7 @@ def name_map(keys) -> dict[str, tuple[str, ...]]:
             missing = parts[present.index(False)]
             raise ValueError(f"{target} is made of {', '.join(parts)}, but {missing} is missing")
 
-    for i in range(_depth(have)):
+    for i in range(count_blocks(have, "transformer_blocks.")):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
         for module, parts in BLOCK_LINEARS.items():
             for leaf in ("weight", "bias"):

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import family_models
 from model_cache import cache_for, source_key
@@ -230,15 +231,15 @@ def quantize_in_workflow(comfy, workflow: dict, object_info: dict, models: Path,
     api = ui_to_api(workflow, object_info, unmute=True)
     quant = [k for k, n in api.items() if n["class_type"] == "SVDQuantQuantizeModel"]
     assert len(quant) == 1, f"one SVDQuant Quantize Model expected, found {len(quant)}"
-    dense = models / "diffusion_models" / f"svdq_workflow_tiny_{family}.safetensors"
+    dense = family_models.write_random_model(family, models / "diffusion_models" / f"svdq_workflow_tiny_{family}.safetensors",
+                                             seed=5, **dims)
     if api[quant[0]]["inputs"]["model_name"].endswith(".pth"):
-        # the source the workflow links is an original PyTorch release (PixArt's): written as it is,
-        # torch.save({"state_dict": ...}), so the server's quantize node reads that format
-        dense = dense.with_suffix(".pth")
-        sd = family_models.random_state_dict(family_models.family_shapes(family, **dims), 0.02, 5)
-        torch.save({"state_dict": sd}, dense)
-    else:
-        family_models.write_random_model(family, dense, seed=5, **dims)
+        # the source the workflow links is an original PyTorch release (PixArt's): the same tensors re-saved as
+        # it is, torch.save({"state_dict": ...}), so the server's quantize node reads that format
+        pth = dense.with_suffix(".pth")
+        torch.save({"state_dict": load_file(str(dense))}, pth)
+        dense.unlink()
+        dense = pth
     stem = f"svdq_workflow_tiny_{family}_int4"
     (models / "diffusion_models" / f"{stem}.safetensors").unlink(missing_ok=True)
     api[quant[0]]["inputs"].update(model_name=dense.name, output_name=stem)
@@ -258,13 +259,13 @@ def family_graph(comfy, path: Path, object_info: dict, models: Path, size: int |
                  seed: int = 1) -> tuple[str, dict]:
     """(family, the workflow's graph on its family's tiny model) for a workflow of a family beyond FLUX.1: its
     model quantized (by the workflow's own quantize node where it has one) and its decoders written. size: the
-    image side, default the family's test size (test_family_models.image_size: 64, PixArt 320)."""
+    image side, at least the family's test size (test_family_models.image_size: 64, PixArt 320)."""
     from test_family_models import _vae_files, image_size
     wf = load(path)
     api = ui_to_api(wf, object_info)
     family = workflow_family(api)
     assert family != "flux1", f"{path.name}: not a workflow of a family beyond FLUX.1"
-    size = size or image_size(family)
+    size = max(size or 0, image_size(family))      # PixArt's smallest legal side is 320
     _vae_files(models)
     if any(n["type"] == "SVDQuantQuantizeModel" for n in wf["nodes"]):
         name = quantize_in_workflow(comfy, wf, object_info, models, size, family)
